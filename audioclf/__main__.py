@@ -1,0 +1,7 @@
+"""``python -m audioclf`` (also what ``torchrun -m audioclf`` runs)."""
+
+import sys
+
+from audioclf.cli import main
+
+sys.exit(main())
