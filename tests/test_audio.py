@@ -1,0 +1,200 @@
+"""audioclf.audio: decoding, channel mixing, resampling, fix_length, and every bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+
+from audioclf.audio import fix_length, load_audio, resample
+from audioclf.errors import AudioError
+
+RAMP = np.array([-1.0, -0.5, 0.0, 0.5], dtype=np.float32)
+
+
+def _write(path, data, rate=8000, **kwargs):
+    sf.write(path, data, rate, **kwargs)
+    return path
+
+
+# --- decoding -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("subtype, tol", [("PCM_U8", 1 / 128), ("PCM_16", 1 / 2**15),
+                                          ("PCM_24", 1 / 2**23), ("PCM_32", 1 / 2**31),
+                                          ("FLOAT", 0.0), ("DOUBLE", 0.0)])
+def test_wav_subtypes_decode_to_float32_in_range(tmp_path, subtype, tol):
+    path = _write(tmp_path / "x.wav", RAMP, subtype=subtype)
+    wav, rate = load_audio(path)
+    assert wav.dtype == torch.float32 and rate == 8000
+    np.testing.assert_allclose(wav.numpy(), RAMP, atol=tol)
+
+
+@pytest.mark.parametrize("fmt, ext, subtype, tol", [("FLAC", "flac", "PCM_16", 1e-4),
+                                                    ("OGG", "ogg", "VORBIS", 0.05),
+                                                    ("MP3", "mp3", "MPEG_LAYER_III", 0.1)])
+def test_compressed_formats_round_trip(tmp_path, fmt, ext, subtype, tol):
+    if fmt not in sf.available_formats():
+        pytest.skip(f"this libsndfile ({sf.__libsndfile_version__}) cannot handle {fmt}")
+    t = np.arange(8000) / 8000
+    x = (0.5 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    path = _write(tmp_path / f"x.{ext}", x, format=fmt, subtype=subtype)
+    wav, rate = load_audio(path)
+    assert rate == 8000 and wav.shape == (8000,)
+    # Lossy codecs shift phase a little: compare loudness, not samples.
+    assert abs(float(wav.pow(2).mean().sqrt()) - 0.5 / np.sqrt(2)) < tol
+
+
+def test_stereo_to_mono_averages_channels(tmp_path):
+    stereo = np.stack([RAMP, np.zeros(4, np.float32)], axis=1)  # (N, C)
+    path = _write(tmp_path / "s.wav", stereo, subtype="FLOAT")
+    mono, _ = load_audio(path)
+    both, _ = load_audio(path, mono=False)
+    np.testing.assert_allclose(mono.numpy(), RAMP / 2)
+    assert both.shape == (2, 4)
+    np.testing.assert_allclose(both[0].numpy(), RAMP)
+
+
+def test_load_with_resampling_changes_rate_and_length(tmp_path):
+    path = _write(tmp_path / "x.wav", np.zeros(8000, np.float32))
+    wav, rate = load_audio(path, sample_rate=16000)
+    assert rate == 16000 and wav.shape == (16000,)
+
+
+def test_real_fsdd_file_matches_soundfile(fsdd_dir):
+    path = fsdd_dir / "recordings" / "0_george_0.wav"
+    expected, file_rate = sf.read(path, dtype="float32")
+    wav, rate = load_audio(path)
+    assert rate == file_rate == 8000
+    np.testing.assert_array_equal(wav.numpy(), expected)
+
+
+# --- resampling -----------------------------------------------------------------------
+
+
+def test_resample_preserves_a_tone_below_nyquist():
+    t = np.arange(8000) / 8000
+    x = torch.from_numpy(np.sin(2 * np.pi * 1000 * t).astype(np.float32))
+    y = resample(x, 8000, 16000)
+    assert y.shape == (16000,)
+    t2 = np.arange(16000) / 16000
+    ref = np.sin(2 * np.pi * 1000 * t2)
+    np.testing.assert_allclose(y.numpy()[200:-200], ref[200:-200], atol=1e-2)
+
+
+def test_resample_removes_a_tone_above_new_nyquist():
+    t = np.arange(16000) / 16000
+    x = torch.from_numpy(np.sin(2 * np.pi * 6000 * t).astype(np.float32))
+    y = resample(x, 16000, 8000)  # new Nyquist 4 kHz: 6 kHz must not alias to 2 kHz
+    assert float(y[500:-500].abs().max()) < 1e-2
+
+
+def test_resample_is_batch_consistent():
+    x = torch.randn(3, 2, 1000, generator=torch.Generator().manual_seed(0))
+    y = resample(x, 8000, 11025)
+    assert y.shape[:2] == (3, 2)
+    torch.testing.assert_close(y[1, 0], resample(x[1, 0], 8000, 11025))
+
+
+# --- bad inputs: one test each ----------------------------------------------------------
+
+
+def test_missing_path(tmp_path):
+    with pytest.raises(AudioError, match=r"nope\.wav: no such file"):
+        load_audio(tmp_path / "nope.wav")
+
+
+def test_directory(tmp_path):
+    with pytest.raises(AudioError, match="is a directory"):
+        load_audio(tmp_path)
+
+
+def test_empty_file(tmp_path):
+    (tmp_path / "e.wav").touch()
+    with pytest.raises(AudioError, match=r"e\.wav: empty file \(0 bytes\)"):
+        load_audio(tmp_path / "e.wav")
+
+
+def test_header_only_file(tmp_path):
+    path = _write(tmp_path / "h.wav", np.zeros(0, np.float32))
+    with pytest.raises(AudioError, match=r"h\.wav: contains no samples"):
+        load_audio(path)
+
+
+@pytest.mark.parametrize("fmt, ext", [("WAV", "wav"), ("FLAC", "flac"), ("OGG", "ogg")])
+def test_truncated_file(tmp_path, fmt, ext):
+    full = _write(tmp_path / f"full.{ext}", np.random.default_rng(0).uniform(-0.5, 0.5, 8000), format=fmt)
+    data = full.read_bytes()
+    cut = tmp_path / f"cut.{ext}"
+    cut.write_bytes(data[: len(data) // 2])
+    with pytest.raises(AudioError, match=rf"cut\.{ext}: (truncated|cannot decode)"):
+        load_audio(cut)
+
+
+def test_text_file_named_wav(tmp_path):
+    path = tmp_path / "notes.wav"
+    path.write_text("these are my notes, not audio\n" * 20)
+    with pytest.raises(AudioError, match=r"notes\.wav: cannot decode audio \(Format not recognised"):
+        load_audio(path)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples_in_float_file(tmp_path, bad):
+    x = np.zeros(10, np.float32)
+    x[3] = bad
+    path = _write(tmp_path / "f.wav", x, subtype="FLOAT")
+    with pytest.raises(AudioError, match=r"f\.wav: 1 sample frames are NaN or Inf \(first at sample 3\)"):
+        load_audio(path)
+
+
+@pytest.mark.parametrize("rate", [0, -8000, 1_000_001, 16000.0])
+def test_requested_rate_out_of_range(tmp_path, rate):
+    path = _write(tmp_path / "x.wav", RAMP)
+    with pytest.raises(AudioError, match=r"x\.wav: requested sample_rate must be an integer in \(0, 1000000\]"):
+        load_audio(path, sample_rate=rate)
+
+
+# --- fix_length -----------------------------------------------------------------------
+
+
+def test_fix_length_centre_crop_and_centre_pad():
+    x = torch.arange(1.0, 6.0)  # [1, 2, 3, 4, 5]
+    assert fix_length(x, 3).tolist() == [2, 3, 4]
+    assert fix_length(x, 8).tolist() == [0, 1, 2, 3, 4, 5, 0, 0]
+    assert fix_length(x, 5) is x
+
+
+def test_fix_length_repeat_tiles_around_the_centred_clip():
+    x = torch.tensor([1.0, 2.0, 3.0])
+    assert fix_length(x, 7, mode="repeat").tolist() == [2, 3, 1, 2, 3, 1, 2]
+
+
+def test_fix_length_random_is_replayable_and_covers_all_offsets():
+    x = torch.arange(10.0)
+    draws = [fix_length(x, 4, random=True, generator=torch.Generator().manual_seed(s)) for s in range(60)]
+    again = [fix_length(x, 4, random=True, generator=torch.Generator().manual_seed(s)) for s in range(60)]
+    assert all(torch.equal(a, b) for a, b in zip(draws, again))
+    starts = {int(d[0]) for d in draws}
+    assert starts == set(range(7))  # every crop that fits, and nothing else
+    assert all(torch.equal(d, torch.arange(d[0], d[0] + 4)) for d in draws)
+
+
+def test_fix_length_random_pad_keeps_the_whole_clip():
+    x = torch.tensor([1.0, 2.0])
+    g = torch.Generator().manual_seed(1)
+    for _ in range(10):
+        y = fix_length(x, 5, random=True, generator=g)
+        start = int(torch.nonzero(y)[0])
+        assert y[start:start + 2].tolist() == [1, 2] and float(y.sum()) == 3
+
+
+def test_fix_length_works_on_the_last_dim_of_a_batch():
+    x = torch.arange(12.0).reshape(2, 6)
+    assert fix_length(x, 2).tolist() == [[2, 3], [8, 9]]
+
+
+@pytest.mark.parametrize("kwargs, message", [({"n": 0}, "positive"), ({"n": 3, "mode": "reflect"}, "'zeros' or 'repeat'")])
+def test_fix_length_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        fix_length(torch.zeros(4), **kwargs)
