@@ -1,0 +1,343 @@
+"""Training-time augmentation: ``SpecAugment``, ``MixUp``, ``TimeShift``, and the loss for soft targets.
+
+Each transform splits "draw the random parameters" (``draw``) from a deterministic
+``apply``, so a draw can be logged and replayed. Random numbers come from an optional
+``torch.Generator`` (drawn on the generator's device, then moved to the batch's device),
+so a seed gives the same augmentation on CPU and CUDA.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from audioclf.config import AugmentConfig
+
+__all__ = [
+    "SpecAugment",
+    "MixUp",
+    "MixParams",
+    "TimeShift",
+    "time_shift",
+    "tta_shifts",
+    "soft_target_cross_entropy",
+]
+
+
+def _require(ok: bool, name: str, value, allowed: str) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {allowed} ({value!r} given)")
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
+    """Uniform [0, 1) numbers drawn on the generator's device, returned on ``device``."""
+    where = generator.device if generator is not None else "cpu"
+    return torch.rand(shape, generator=generator, device=where).to(device)
+
+
+def _band_masks(n_masks: int, max_width: int, size: int, batch: int,
+                generator: torch.Generator | None, device) -> Tensor:
+    """(B, size) bool: the union of ``n_masks`` bands per example, widths uniform in [0, max_width]."""
+    max_width = min(max_width, size)
+    u = _rand((batch, n_masks, 2), generator, device)
+    width = (u[..., 0] * (max_width + 1)).long()  # (B, n) in [0, max_width]
+    start = (u[..., 1] * (size - width + 1)).long()  # (B, n) in [0, size - width]
+    pos = torch.arange(size, device=device)  # (size,)
+    inside = (pos >= start[..., None]) & (pos < (start + width)[..., None])  # (B, n, size)
+    return inside.any(dim=1)
+
+
+class SpecAugment(nn.Module):
+    """Frequency and time masking (Park et al., 2019), drawn independently per example.
+
+    Args:
+        freq_masks: number of frequency masks per example.
+        freq_mask_width: largest frequency mask, in bins (each width is uniform in [0, it]).
+        time_masks: number of time masks per example.
+        time_mask_width: largest time mask: an int in frames, or a float in [0, 1] as a
+            fraction of the spectrogram's length T.
+        p: probability that an example is masked at all.
+        mask_value: "zero", or "mean" (each example's own mean value).
+        generator: optional torch.Generator for reproducible masks.
+
+    Raises:
+        ValueError: an argument is out of range (the message quotes it).
+    """
+
+    def __init__(self, freq_masks: int = 2, freq_mask_width: int = 16, time_masks: int = 2,
+                 time_mask_width: int | float = 0.1, p: float = 1.0, mask_value: str = "zero",
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        _require(_is_int(freq_masks) and freq_masks >= 0, "freq_masks", freq_masks, "an integer >= 0")
+        _require(_is_int(freq_mask_width) and freq_mask_width >= 0, "freq_mask_width",
+                 freq_mask_width, "an integer >= 0 (bins)")
+        _require(_is_int(time_masks) and time_masks >= 0, "time_masks", time_masks, "an integer >= 0")
+        if isinstance(time_mask_width, float):
+            _require(0.0 <= time_mask_width <= 1.0, "time_mask_width", time_mask_width,
+                     "a fraction in [0, 1] (float) or a width in frames (int >= 0)")
+        else:
+            _require(_is_int(time_mask_width) and time_mask_width >= 0, "time_mask_width",
+                     time_mask_width, "a width in frames (int >= 0) or a fraction in [0, 1] (float)")
+        _require(0.0 <= p <= 1.0, "p", p, "in [0, 1]")
+        _require(mask_value in ("zero", "mean"), "mask_value", mask_value, "'zero' or 'mean'")
+        self.freq_masks, self.freq_mask_width = freq_masks, freq_mask_width
+        self.time_masks, self.time_mask_width = time_masks, time_mask_width
+        self.p, self.mask_value, self.generator = p, mask_value, generator
+
+    @classmethod
+    def from_config(cls, cfg: AugmentConfig, generator: torch.Generator | None = None) -> "SpecAugment":
+        return cls(cfg.freq_masks, cfg.freq_mask_width, cfg.time_masks, cfg.time_mask_width,
+                   cfg.specaugment_p, cfg.mask_value, generator)
+
+    def extra_repr(self) -> str:
+        return (f"freq_masks={self.freq_masks}, freq_mask_width={self.freq_mask_width}, "
+                f"time_masks={self.time_masks}, time_mask_width={self.time_mask_width}, p={self.p}")
+
+    def max_time_width(self, n_frames: int) -> int:
+        """Largest time mask in frames for a spectrogram of ``n_frames`` frames."""
+        if isinstance(self.time_mask_width, float):
+            return int(self.time_mask_width * n_frames)
+        return min(self.time_mask_width, n_frames)
+
+    def draw(self, batch_size: int, n_freq: int, n_time: int, device=None) -> Tensor:
+        """Draw masks: a (B, 1, F, T) bool tensor, True where the spectrogram is masked."""
+        device = device if device is not None else "cpu"
+        freq = _band_masks(self.freq_masks, self.freq_mask_width, n_freq, batch_size,
+                           self.generator, device)  # (B, F)
+        time = _band_masks(self.time_masks, self.max_time_width(n_time), n_time, batch_size,
+                           self.generator, device)  # (B, T)
+        chosen = _rand((batch_size,), self.generator, device) < self.p  # (B,)
+        mask = freq[:, :, None] | time[:, None, :]  # (B, F, T)
+        return (mask & chosen[:, None, None]).unsqueeze(1)  # (B, 1, F, T)
+
+    def apply(self, x: Tensor, mask: Tensor) -> Tensor:
+        """Fill ``x`` where ``mask`` is True: (B, C, F, T) with a (B, 1|C, F, T) mask -> (B, C, F, T)."""
+        if self.mask_value == "mean":
+            fill = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
+        else:
+            fill = torch.zeros((), dtype=x.dtype, device=x.device)
+        return torch.where(mask, fill.to(x.dtype), x)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Mask a batch of spectrograms in training mode: (B, C, F, T) -> (B, C, F, T).
+
+        Identity in eval mode.
+        """
+        if x.ndim != 4:
+            raise ValueError(f"SpecAugment expects (B, C, F, T) spectrograms, got shape {tuple(x.shape)}")
+        if not self.training or x.shape[0] == 0:
+            return x
+        return self.apply(x, self.draw(x.shape[0], x.shape[2], x.shape[3], x.device))
+
+
+@dataclass(frozen=True)
+class MixParams:
+    """One MixUp draw: ``lam`` (B,) float in [0, 1], weight of each example itself, and
+    ``index`` (B,) long, the partner each example is mixed with."""
+
+    lam: Tensor
+    index: Tensor
+
+
+class MixUp:
+    """MixUp (Zhang et al., 2018): x = lam * x + (1 - lam) * x[perm], targets likewise.
+
+    Args:
+        alpha: lam ~ Beta(alpha, alpha); 0 disables mixing (lam = 1).
+        num_classes: number of classes, needed when targets are integer labels.
+        per_example: one lam per example instead of one per batch.
+        p: probability of mixing (per batch, or per example with ``per_example``).
+        generator: optional torch.Generator for reproducible draws.
+
+    Raises:
+        ValueError: an argument is out of range (the message quotes it).
+    """
+
+    def __init__(self, alpha: float = 0.4, num_classes: int | None = None, per_example: bool = False,
+                 p: float = 1.0, generator: torch.Generator | None = None):
+        _require(alpha >= 0, "alpha", alpha, ">= 0 (0 disables mixing)")
+        _require(num_classes is None or (_is_int(num_classes) and num_classes >= 1), "num_classes",
+                 num_classes, "a positive integer or None")
+        _require(0.0 <= p <= 1.0, "p", p, "in [0, 1]")
+        self.alpha, self.num_classes, self.per_example = float(alpha), num_classes, per_example
+        self.p, self.generator = p, generator
+
+    @classmethod
+    def from_config(cls, cfg: AugmentConfig, num_classes: int | None = None,
+                    generator: torch.Generator | None = None) -> "MixUp":
+        return cls(cfg.mixup_alpha, num_classes, cfg.mixup_per_example, cfg.mixup_p, generator)
+
+    def __repr__(self) -> str:
+        return f"MixUp(alpha={self.alpha}, per_example={self.per_example}, p={self.p})"
+
+    def draw(self, batch_size: int, device=None) -> MixParams:
+        """Draw lam (B,) and a permutation (B,) for a batch of ``batch_size``."""
+        device = device if device is not None else "cpu"
+        where = self.generator.device if self.generator is not None else "cpu"
+        n = batch_size if self.per_example else 1
+        index = torch.randperm(batch_size, generator=self.generator, device=where)
+        # Beta has no torch.Generator interface: seed numpy's from ours so the draw replays.
+        seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=where))
+        lam = np.random.default_rng(seed).beta(self.alpha, self.alpha, n) if self.alpha > 0 else np.ones(n)
+        lam = torch.as_tensor(lam, dtype=torch.float32)
+        mixed = torch.rand(n, generator=self.generator, device=where).cpu() < self.p
+        lam = torch.where(mixed, lam, torch.ones_like(lam)).expand(batch_size).clone()
+        return MixParams(lam=lam.to(device), index=index.to(device))
+
+    def apply(self, x: Tensor, params: MixParams) -> Tensor:
+        """Mix inputs: (B, ...) -> (B, ...), same dtype."""
+        lam = params.lam.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
+        return lam * x + (1 - lam) * x[params.index]
+
+    def mix_targets(self, y: Tensor, params: MixParams, num_classes: int | None = None) -> Tensor:
+        """Mix targets into soft targets (B, K) float32.
+
+        Args:
+            y: (B,) integer labels, or (B, K) soft / multi-hot float targets.
+            num_classes: K for integer labels (defaults to the constructor's).
+        """
+        if not y.is_floating_point():
+            k = num_classes or self.num_classes
+            if k is None:
+                raise ValueError("integer labels need num_classes (MixUp(num_classes=K) or "
+                                 "mix_targets(..., num_classes=K))")
+            if y.ndim != 1:
+                raise ValueError(f"integer labels must have shape (B,), got {tuple(y.shape)}")
+            y = F.one_hot(y.long(), k)
+        elif y.ndim != 2:
+            raise ValueError(f"soft targets must have shape (B, K), got {tuple(y.shape)}")
+        y = y.float()
+        lam = params.lam.to(y.device)[:, None]  # (B, 1)
+        return lam * y + (1 - lam) * y[params.index.to(y.device)]
+
+    def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        """Mix a batch: x (B, ...), y (B,) labels or (B, K) -> (x_mixed (B, ...), soft targets (B, K))."""
+        params = self.draw(x.shape[0], x.device)
+        return self.apply(x, params), self.mix_targets(y, params)
+
+
+def time_shift(x: Tensor, shift: int | Tensor, mode: str = "circular") -> Tensor:
+    """Shift along the last dimension; a positive shift moves content later in time.
+
+    Args:
+        x: (B, ..., L) waveforms or spectrograms.
+        shift: one int for the whole batch, or a (B,) LongTensor, one per example.
+        mode: "circular" (what leaves one end enters the other) or "pad" (zeros enter).
+
+    Returns:
+        (B, ..., L), same dtype and device.
+    """
+    _require(mode in ("circular", "pad"), "mode", mode, "'circular' or 'pad'")
+    length = x.shape[-1]
+    if not isinstance(shift, Tensor):
+        if mode == "circular":
+            return torch.roll(x, int(shift), dims=-1)
+        shift = torch.full((x.shape[0],), int(shift))
+    if shift.shape != (x.shape[0],):
+        raise ValueError(f"shift must be an int or have shape (B,)=({x.shape[0]},), got {tuple(shift.shape)}")
+    source = torch.arange(length, device=x.device) - shift.to(x.device).long()[:, None]  # (B, L)
+    if mode == "circular":
+        source = source % length
+    view = (x.shape[0],) + (1,) * (x.ndim - 2) + (length,)  # (B, 1, ..., L)
+    out = x.gather(-1, source.clamp(0, length - 1).view(view).expand_as(x))
+    if mode == "pad":
+        valid = (source >= 0) & (source < length)
+        out = out * valid.view(view).to(x.dtype)
+    return out
+
+
+class TimeShift(nn.Module):
+    """Random shift along time, drawn per example, uniform in [-max_shift, max_shift].
+
+    Args:
+        max_shift: the largest shift: an int in samples (or frames), or a float in [0, 1] as
+            a fraction of the last dimension's length.
+        mode: "circular" or "pad" (see :func:`time_shift`).
+        generator: optional torch.Generator for reproducible shifts.
+
+    Raises:
+        ValueError: an argument is out of range (the message quotes it).
+    """
+
+    def __init__(self, max_shift: int | float, mode: str = "circular",
+                 generator: torch.Generator | None = None):
+        super().__init__()
+        if isinstance(max_shift, float):
+            _require(0.0 <= max_shift <= 1.0, "max_shift", max_shift,
+                     "a fraction in [0, 1] (float) or a number of samples (int >= 0)")
+        else:
+            _require(_is_int(max_shift) and max_shift >= 0, "max_shift", max_shift,
+                     "a number of samples (int >= 0) or a fraction in [0, 1] (float)")
+        _require(mode in ("circular", "pad"), "mode", mode, "'circular' or 'pad'")
+        self.max_shift, self.mode, self.generator = max_shift, mode, generator
+
+    def extra_repr(self) -> str:
+        return f"max_shift={self.max_shift}, mode={self.mode!r}"
+
+    def max_samples(self, length: int) -> int:
+        """The largest shift for a last dimension of ``length``."""
+        if isinstance(self.max_shift, float):
+            return int(self.max_shift * length)
+        return min(self.max_shift, length)
+
+    def draw(self, batch_size: int, length: int, device=None) -> Tensor:
+        """Shifts for a batch: (B,) long, uniform in [-max, max]."""
+        m = self.max_samples(length)
+        u = _rand((batch_size,), self.generator, device if device is not None else "cpu")
+        return (u * (2 * m + 1)).long() - m
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Randomly shift in training mode: (B, ..., L) -> (B, ..., L). Identity in eval mode."""
+        if not self.training or x.shape[0] == 0:
+            return x
+        return time_shift(x, self.draw(x.shape[0], x.shape[-1], x.device), self.mode)
+
+
+def tta_shifts(n_views: int, length: int, max_fraction: float) -> list[int]:
+    """Deterministic shifts for test-time augmentation: 0 first, then +-s, spread up to the maximum.
+
+    With m = int(max_fraction * length): 1 view -> [0]; 3 -> [0, m, -m];
+    5 -> [0, m/2, -m/2, m, -m] (rounded); an even count ends with one extra +shift.
+
+    Raises:
+        ValueError: n_views < 1, length < 1, or max_fraction outside [0, 1].
+    """
+    _require(_is_int(n_views) and n_views >= 1, "n_views", n_views, "an integer >= 1")
+    _require(_is_int(length) and length >= 1, "length", length, "an integer >= 1")
+    _require(0.0 <= max_fraction <= 1.0, "max_fraction", max_fraction, "in [0, 1]")
+    m = int(max_fraction * length)
+    levels = n_views // 2  # number of distinct magnitudes
+    shifts = [0]
+    for j in range(1, levels + 1):
+        s = round(m * j / levels)
+        shifts += [s, -s]
+    return shifts[:n_views]
+
+
+def soft_target_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:
+    """Cross-entropy against soft targets: -sum_k targets[k] * log_softmax(logits)[k].
+
+    Args:
+        logits: (B, K).
+        targets: (B, K) non-negative, each row summing to 1 (e.g. from :class:`MixUp`).
+        reduction: "mean" | "sum" | "none" (then shape (B,)).
+
+    Returns:
+        A scalar, or (B,) with ``reduction="none"``; computed in float32.
+    """
+    _require(reduction in ("mean", "sum", "none"), "reduction", reduction, "'mean', 'sum' or 'none'")
+    if logits.shape != targets.shape or logits.ndim != 2:
+        raise ValueError(f"logits and targets must both be (B, K), got {tuple(logits.shape)} "
+                         f"and {tuple(targets.shape)}")
+    loss = -(targets.float() * F.log_softmax(logits.float(), dim=-1)).sum(-1)  # (B,)
+    if reduction == "mean":
+        return loss.mean()
+    return loss.sum() if reduction == "sum" else loss
