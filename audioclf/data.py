@@ -1,0 +1,311 @@
+"""Waveform cache (decode once, memory-map forever) and fixed-length clips for training.
+
+:class:`WaveformCache` decodes and resamples every file of a manifest once into a single
+float32 array on disk plus an offsets array; epochs, folds and later runs read slices of
+that memory map instead of decoding again. The cache lives in a folder named after a hash
+of the target rate and, for every record, the absolute path, size and modification time
+of its file, so a changed manifest, rate or file gets a new cache instead of a stale one.
+
+A build writes into a temporary folder and renames it into place when complete, so a
+killed build never leaves anything that looks valid. Two processes building the same
+cache take turns through a file lock (where the OS has ``fcntl``); without one, both build
+and the first rename wins.
+
+:class:`ClipDataset` cuts cached waveforms to a fixed length: a random crop (or random
+placement of a short clip) for training, replayable from ``(seed, epoch, index)``; a
+centre crop or centred padding for evaluation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from audioclf.audio import check_sample_rate, fix_length, load_audio, placement
+from audioclf.errors import AudioError
+from audioclf.manifest import Manifest
+
+try:
+    import fcntl
+except ImportError:  # Windows: no lock; concurrent builds still end in one valid cache
+    fcntl = None
+
+__all__ = ["WaveformCache", "ClipDataset", "default_cache_dir"]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = 1  # bump when the on-disk layout changes: old caches are then ignored
+_DATA, _OFFSETS, _META = "waveforms.f32", "offsets.npy", "meta.json"
+
+
+def default_cache_dir() -> Path:
+    """$AUDIOCLF_CACHE_DIR, else ~/.cache/audioclf."""
+    return Path(os.environ.get("AUDIOCLF_CACHE_DIR") or Path.home() / ".cache" / "audioclf")
+
+
+class WaveformCache:
+    """Every file of a manifest decoded at ``sample_rate``, mono, in one memory-mapped array.
+
+    Args:
+        manifest: the files to cache (its labels play no part).
+        sample_rate: rate every file is resampled to (Hz).
+        cache_dir: parent folder of the cache (default: :func:`default_cache_dir`).
+        num_workers: processes that decode in parallel while building (0: this process).
+
+    Example:
+        >>> cache = WaveformCache(manifest, 16000).build()
+        >>> cache[0].shape, cache.lengths[:3]
+    """
+
+    def __init__(self, manifest: Manifest, sample_rate: int, cache_dir: str | os.PathLike | None = None,
+                 num_workers: int = 0):
+        check_sample_rate(sample_rate)
+        if num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0 ({num_workers!r} given)")
+        self.manifest = manifest
+        self.sample_rate = sample_rate
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.num_workers = num_workers
+        self.path: Path | None = None  # the cache folder, known after build()
+        self._offsets: np.ndarray | None = None
+        self._data: np.ndarray | None = None
+
+    # --- identity -----------------------------------------------------------------------
+
+    def key(self) -> str:
+        """Hash of the format version, the rate and each file's absolute path, size and mtime.
+
+        Raises:
+            AudioError: a file of the manifest does not exist.
+        """
+        h = hashlib.sha256(f"audioclf-waveforms:{_FORMAT}:{self.sample_rate}\n".encode())
+        for i in range(len(self.manifest)):
+            path = os.path.abspath(self.manifest.abspath(i))
+            try:
+                st = os.stat(path)
+            except FileNotFoundError:
+                raise AudioError(f"{path}: no such file (record {i} of the manifest)") from None
+            h.update(f"{path}\t{st.st_size}\t{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()[:24]
+
+    # --- building -----------------------------------------------------------------------
+
+    def build(self) -> "WaveformCache":
+        """Open the cache, decoding every file first if no valid cache exists. Idempotent.
+
+        Returns:
+            ``self``, so ``WaveformCache(m, sr).build()`` reads naturally.
+
+        Raises:
+            AudioError: a file cannot be decoded (the message names it); nothing is left behind.
+        """
+        path = self.cache_dir / f"{self.sample_rate}hz-{self.key()}"
+        if not _is_valid(path, len(self.manifest)):
+            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            with _lock(self.cache_dir / f".{path.name}.lock"):
+                if not _is_valid(path, len(self.manifest)):  # another process may have built it
+                    self._build_into(path)
+        self.path = path
+        self._open()
+        return self
+
+    def _build_into(self, path: Path) -> None:
+        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # killed builds; we hold the lock
+            shutil.rmtree(stale, ignore_errors=True)
+        if path.exists():  # damaged after it was built (files deleted or edited by hand)
+            logger.warning("%s: cache is damaged; rebuilding it", path)
+            shutil.rmtree(path)
+        logger.info("caching %d files at %d Hz in %s", len(self.manifest), self.sample_rate, path)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        try:
+            lengths = self._decode_all(tmp / _DATA)
+            offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])
+            np.save(tmp / _OFFSETS, offsets)
+            meta = {"format": _FORMAT, "sample_rate": self.sample_rate, "count": len(lengths),
+                    "samples": int(offsets[-1]), "root": str(self.manifest.root.resolve())}
+            (tmp / _META).write_text(json.dumps(meta, indent=2))  # written last: marks completion
+            _fsync_tree(tmp)
+            try:
+                os.rename(tmp, path)
+            except OSError:  # a concurrent builder without a lock renamed first: use theirs
+                if not _is_valid(path, len(self.manifest)):
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def _decode_all(self, data_path: Path) -> list[int]:
+        """Decode every file in manifest order, appending float32 samples to ``data_path``."""
+        paths = [str(self.manifest.abspath(i)) for i in range(len(self.manifest))]
+        jobs = [(p, self.sample_rate) for p in paths]
+        lengths = []
+        with open(data_path, "wb") as f, _pool(self.num_workers) as pool:
+            decoded = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
+            for waveform in tqdm(decoded, total=len(jobs), desc="caching waveforms", unit="file",
+                                 disable=None):
+                waveform.tofile(f)
+                lengths.append(len(waveform))
+        return lengths
+
+    # --- reading ------------------------------------------------------------------------
+
+    def _open(self) -> None:
+        self._offsets = np.load(self.path / _OFFSETS)
+        self._data = np.memmap(self.path / _DATA, dtype=np.float32, mode="r")
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    def __getitem__(self, i: int) -> np.ndarray:
+        """Waveform ``i``: a read-only float32 (N_i,) view of the memory map."""
+        if self._data is None:
+            if self.path is None:
+                raise RuntimeError("WaveformCache.build() must be called before reading")
+            self._open()
+        start, stop = self._offsets[i], self._offsets[i + 1]
+        return self._data[start:stop]
+
+    @property
+    def lengths(self) -> np.ndarray:
+        """Samples per file, (N,) int64."""
+        if self._offsets is None:
+            raise RuntimeError("WaveformCache.build() must be called before reading")
+        return np.diff(self._offsets)
+
+    def __getstate__(self) -> dict:
+        # DataLoader workers started by "spawn" get the folder, not a pickled copy of the data.
+        state = self.__dict__.copy()
+        state["_data"] = None
+        return state
+
+
+def _decode(job: tuple[str, int]) -> np.ndarray:
+    path, sample_rate = job
+    waveform, _ = load_audio(path, sample_rate=sample_rate)
+    return waveform.numpy()
+
+
+def _is_valid(path: Path, count: int) -> bool:
+    """A cache folder is valid when it is complete: metadata, offsets and data agree."""
+    try:
+        meta = json.loads((path / _META).read_text())
+        offsets = np.load(path / _OFFSETS)
+        size = (path / _DATA).stat().st_size
+    except (OSError, ValueError):
+        return False
+    return (meta.get("format") == _FORMAT and meta.get("count") == count == len(offsets) - 1
+            and size == 4 * int(offsets[-1]) == 4 * meta.get("samples", -1))
+
+
+@contextlib.contextmanager
+def _lock(path: Path):
+    if fcntl is None:
+        yield
+        return
+    with open(path, "w") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _pool(num_workers: int):
+    if num_workers == 0:
+        yield None
+        return
+    with multiprocessing.get_context().Pool(num_workers) as pool:
+        yield pool
+
+
+def _fsync_tree(folder: Path) -> None:
+    for name in os.listdir(folder):
+        with open(folder / name, "rb") as f:
+            os.fsync(f.fileno())
+    with contextlib.suppress(OSError):  # directories cannot be fsynced on every platform
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class ClipDataset(Dataset):
+    """Fixed-length clips from a :class:`WaveformCache`, with integer targets.
+
+    Item ``j`` is ``(waveform (clip_samples,) float32, target)`` for cache item
+    ``indices[j]``. Training crops (or places a short clip within ``clip_samples`` of
+    padding) at a random offset drawn from a generator seeded by ``(seed, epoch,
+    indices[j])``: the same clip gets the same crop in the same epoch whatever the
+    DataLoader workers, the fold, or a resumed run. Evaluation centre-crops or pads.
+
+    Call :meth:`set_epoch` before each training epoch. DataLoader workers copy the
+    dataset when they start, so use ``persistent_workers=False`` for new crops per epoch.
+
+    Args:
+        cache: a built :class:`WaveformCache`.
+        indices: cache items in this dataset.
+        targets: integer target of each of ``indices`` (same length).
+        clip_samples: output length in samples.
+        train: random crops (True) or deterministic centre crops (False).
+        pad_mode: ``"zeros"`` or ``"repeat"`` for clips shorter than ``clip_samples``.
+        seed: base seed of the crops.
+    """
+
+    def __init__(self, cache: WaveformCache, indices: Sequence[int], targets: Sequence[int],
+                 clip_samples: int, train: bool, pad_mode: str = "zeros", seed: int = 0):
+        self.indices = np.asarray(indices, dtype=np.int64)
+        self.targets = np.asarray(targets, dtype=np.int64)
+        if len(self.indices) != len(self.targets):
+            raise ValueError(f"indices and targets must have the same length "
+                             f"({len(self.indices)} and {len(self.targets)} given)")
+        if len(self.indices) and not 0 <= self.indices.min() <= self.indices.max() < len(cache):
+            raise ValueError(f"indices must be in [0, {len(cache)}) for a cache of {len(cache)} files")
+        if clip_samples <= 0:
+            raise ValueError(f"clip_samples must be positive ({clip_samples!r} given)")
+        if pad_mode not in ("zeros", "repeat"):
+            raise ValueError(f"pad_mode must be 'zeros' or 'repeat' ({pad_mode!r} given)")
+        self.cache = cache
+        self.clip_samples = clip_samples
+        self.train = train
+        self.pad_mode = pad_mode
+        self.seed = seed
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the crops of ``epoch`` (training only; evaluation is the same every epoch)."""
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def generator(self, j: int) -> torch.Generator:
+        """The generator that draws item ``j``'s crop this epoch."""
+        state = np.random.SeedSequence([self.seed, self.epoch, int(self.indices[j])]).generate_state(1, np.uint64)
+        return torch.Generator().manual_seed(int(state[0]))
+
+    def __getitem__(self, j: int) -> tuple[torch.Tensor, int]:
+        waveform = self.cache[int(self.indices[j])]
+        n = self.clip_samples
+        generator = self.generator(j) if self.train else None
+        if len(waveform) > n:  # crop from the memory map without copying the whole clip
+            start = placement(len(waveform), n, self.train, generator)
+            clip = torch.from_numpy(np.array(waveform[start:start + n]))
+        else:
+            clip = fix_length(torch.from_numpy(np.array(waveform)), n, self.pad_mode, self.train, generator)
+        return clip, int(self.targets[j])

@@ -1,0 +1,147 @@
+"""audioclf.manifest: the CSV schema, validation that reports every problem, LabelMap."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from audioclf.errors import ManifestError
+from audioclf.manifest import LabelMap, Manifest, Record, build_manifest, read_manifest, write_manifest
+
+
+def _csv(tmp_path, text, files=()):
+    for name in files:
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_bytes(b"")
+    path = tmp_path / "m.csv"
+    path.write_text(text)
+    return path
+
+
+# --- LabelMap ---------------------------------------------------------------------------
+
+
+def test_label_map_is_sorted_unique_and_round_trips():
+    labels = LabelMap(["dog", "cat", "dog", "bird"])
+    assert labels.names == ["bird", "cat", "dog"] and len(labels) == 3
+    assert labels.encode(["dog", "bird"]).tolist() == [2, 0]
+    assert labels.encode(["dog"]).dtype == np.int64
+    assert [labels.decode(i) for i in range(3)] == labels.names
+    assert labels == LabelMap(["cat", "bird", "dog"])  # order of appearance does not matter
+
+
+def test_label_map_rejects_unknown_label():
+    with pytest.raises(ManifestError, match="unknown label 'cow'; known labels: cat, dog"):
+        LabelMap(["cat", "dog"]).index("cow")
+
+
+# --- reading ----------------------------------------------------------------------------
+
+
+def test_read_full_schema(tmp_path):
+    path = _csv(tmp_path, "path,label,fold,group,split\na/1.wav,dog,2,s1,train\nb/2.wav,cat,1,s2,test\n",
+                files=["a/1.wav", "b/2.wav"])
+    m = read_manifest(path)
+    assert m.root == tmp_path and len(m) == 2
+    assert m.records[0] == Record("a/1.wav", "dog", 2, "s1", {"split": "train"})
+    assert m.targets().tolist() == [1, 0]
+    assert m.folds().tolist() == [2, 1] and m.groups() == ["s1", "s2"]
+    assert m.abspath(1) == tmp_path / "b/2.wav"
+
+
+def test_optional_columns_absent_or_empty_give_none(tmp_path):
+    path = _csv(tmp_path, "path,label,fold\nx.wav,a,\ny.wav,b,\n", files=["x.wav", "y.wav"])
+    m = read_manifest(path)
+    assert m.folds() is None and m.groups() is None
+
+
+def test_root_argument_and_check_files(tmp_path):
+    path = _csv(tmp_path, "path,label\nclip.wav,a\n")
+    data = tmp_path / "data"
+    (data).mkdir()
+    (data / "clip.wav").write_bytes(b"")
+    assert read_manifest(path, root=data).abspath(0) == data / "clip.wav"
+    assert len(read_manifest(path, check_files=False)) == 1  # file absent beside the CSV
+
+
+def test_every_problem_is_reported_at_once_with_line_numbers(tmp_path):
+    text = ("path,label,fold\n"
+            "a.wav,x,1\n"          # line 2: fine
+            "missing.wav,x,1\n"    # line 3: file missing
+            "b.wav,,1\n"           # line 4: empty label
+            "a.wav,y,2\n"          # line 5: duplicate
+            "c.wav,z,one\n"        # line 6: non-integer fold
+            "d.wav,z\n")           # line 7: too few fields
+    path = _csv(tmp_path, text, files=["a.wav", "b.wav", "c.wav", "d.wav"])
+    with pytest.raises(ManifestError) as info:
+        read_manifest(path)
+    problems = info.value.problems
+    assert problems == [
+        "line 3: file not found: " + str(tmp_path / "missing.wav"),
+        "line 4: empty label for 'b.wav'",
+        "line 5: duplicate path 'a.wav' (first on line 2)",
+        "line 6: fold 'one' is not an integer",
+        "line 7: 2 fields, the header has 3",
+    ]
+    assert "5 problem(s)" in str(info.value) and "line 6" in str(info.value)
+
+
+def test_missing_column(tmp_path):
+    path = _csv(tmp_path, "file,label\na.wav,x\n")
+    with pytest.raises(ManifestError, match=r"line 1: missing column 'path' \(header is file,label\)"):
+        read_manifest(path)
+
+
+def test_partly_filled_group_is_a_problem(tmp_path):
+    path = _csv(tmp_path, "path,label,group\na.wav,x,s1\nb.wav,x,\n", files=["a.wav", "b.wav"])
+    with pytest.raises(ManifestError, match=r"line 3: empty group \(other rows have one\)"):
+        read_manifest(path)
+
+
+@pytest.mark.parametrize("text, message", [(None, "no such manifest file"), ("", "empty file")])
+def test_missing_or_empty_manifest_file(tmp_path, text, message):
+    path = tmp_path / "m.csv"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ManifestError, match=message):
+        read_manifest(path)
+
+
+# --- writing, subsets, hashing ----------------------------------------------------------
+
+
+def test_write_then_read_round_trips(tmp_path):
+    records = [Record("a.wav", "x", 1, "g", {"split": "train", "note": "q,uoted"}),
+               Record("b.wav", "y", 2, "h", {"split": "test"})]
+    write_manifest(Manifest(records, tmp_path), tmp_path / "out.csv")
+    back = read_manifest(tmp_path / "out.csv", check_files=False)
+    assert back.records[0] == records[0]
+    assert back.records[1] == Record("b.wav", "y", 2, "h", {"split": "test", "note": ""})
+    assert (tmp_path / "out.csv").read_text().splitlines()[0] == "path,label,fold,group,split,note"
+
+
+def test_write_omits_unused_optional_columns(tmp_path):
+    write_manifest(Manifest([Record("a.wav", "x")], tmp_path), tmp_path / "out.csv")
+    assert (tmp_path / "out.csv").read_text() == "path,label\na.wav,x\n"
+
+
+def test_subset_keeps_the_parent_label_map():
+    m = Manifest([Record("a", "cat"), Record("b", "dog"), Record("c", "eel")], "/data")
+    sub = m.subset([2])
+    assert sub.labels.names == ["cat", "dog", "eel"] and sub.targets().tolist() == [2]
+    assert sub.root == m.root
+
+
+def test_content_hash_changes_with_any_field_and_not_otherwise():
+    base = [Record("a", "cat", 1, "g"), Record("b", "dog", 2, "h")]
+    h = Manifest(base, "/x").content_hash()
+    assert Manifest(list(base), "/y").content_hash() == h
+    variants = [[Record("a2", "cat", 1, "g"), base[1]], [Record("a", "cow", 1, "g"), base[1]],
+                [Record("a", "cat", 3, "g"), base[1]], [Record("a", "cat", 1, "k"), base[1]],
+                [Record("a", "cat", 1, "g", {"s": "t"}), base[1]], base[::-1]]
+    assert len({Manifest(v, "/x").content_hash() for v in variants} | {h}) == len(variants) + 1
+
+
+def test_build_manifest_lists_valid_formats(tmp_path):
+    with pytest.raises(ManifestError, match="unknown dataset format 'esc10'; valid formats: fsdd, esc50"):
+        build_manifest("esc10", tmp_path)
