@@ -1,0 +1,339 @@
+"""K-fold cross-validation without selection leakage, one fold at a time.
+
+Folds come from the manifest's ``fold`` column when it has one (the official ESC-50 and
+UrbanSound8K folds), else from stratified K-fold, grouped when the manifest has groups
+(no speaker or source recording in two folds). For each fold:
+
+    training folds --inner_split (grouped, stratified)--> fit part + inner validation
+    fit(fit part, select on inner validation)  ->  one model per fold
+    held-out fold  --score once, every TTA view-->  out-of-fold predictions
+
+The best checkpoint, early stopping and the SWA-vs-best choice only ever see the inner
+validation split; the held-out fold is scored once, at the end, and never feeds back.
+
+Each fold writes only files it owns (``OUT/fold-<k>/...`` and ``OUT/bundle/fold-<k>.*``),
+so ``audioclf cv --folds 2,4`` can run in several processes at once; the shared files
+(the bundle's ``config.json``, the report, ``oof.csv``) are written by
+:func:`audioclf.bundle.merge_folds` once every fold is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from audioclf import ensemble
+from audioclf._io import atomic_open, atomic_path
+from audioclf.config import RunConfig
+from audioclf.errors import ConfigError, ManifestError
+
+__all__ = ["assign_folds", "inner_split", "split_holdout_groups", "FoldPlan", "plan_folds",
+           "cross_validate", "train_holdout", "CVResult"]
+
+log = logging.getLogger(__name__)
+
+
+def assign_folds(manifest, k: int = 5, seed: int = 0) -> np.ndarray:
+    """Fold index in ``[0, K)`` of every row of ``manifest``: (N,) int64.
+
+    Args:
+        manifest: a :class:`~audioclf.manifest.Manifest`.
+        k: number of folds when the manifest has no fold column (ignored otherwise:
+            K is then the number of distinct official folds).
+        seed: shuffles the stratified split.
+
+    Raises:
+        ManifestError: fewer than two official folds, fewer groups than ``k``, or a class
+            with fewer than ``k`` clips.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    official = manifest.folds()
+    if official is not None:
+        values = np.unique(official)
+        if len(values) < 2:
+            raise ManifestError(f"the manifest's fold column holds a single fold ({values[0]}); "
+                                "cross-validation needs at least 2 (or drop the column)")
+        if k != len(values):
+            log.info("using the manifest's %d official folds (k=%d ignored)", len(values), k)
+        return np.searchsorted(values, official).astype(np.int64)  # official values -> 0..K-1
+
+    targets = manifest.targets()
+    counts = np.bincount(targets, minlength=len(manifest.labels))
+    small = [f"label {manifest.labels.decode(c)!r}: {n} clips" for c, n in enumerate(counts) if 0 < n < k]
+    if small:
+        raise ManifestError(f"every label needs at least k={k} clips for {k}-fold cross-validation; "
+                            "lower --k or add clips", small)
+    groups = manifest.groups()
+    fold_ids = np.full(len(manifest), -1, dtype=np.int64)
+    x = np.zeros(len(manifest))
+    if groups is not None:
+        n_groups = len(set(groups))
+        if n_groups < k:
+            raise ManifestError(f"the manifest has {n_groups} groups, fewer than k={k} folds; "
+                                "lower --k (a group never spans two folds)")
+        splits = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed).split(x, targets, groups)
+    else:
+        splits = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed).split(x, targets)
+    for fold, (_, test) in enumerate(splits):
+        fold_ids[test] = fold
+    empty = sorted(set(range(k)) - set(fold_ids.tolist()))
+    if empty:
+        raise ManifestError(f"folds {empty} came out empty; lower --k")
+    return fold_ids
+
+
+def inner_split(manifest, indices: np.ndarray, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``indices`` into (fit, validation) the way the folds are split.
+
+    Grouped and stratified when the manifest has groups (``round(1 / val_fraction)``
+    group folds, at most one per group; the first is the validation part), else
+    stratified. Both returned arrays are sorted subsets of ``indices``.
+
+    Raises:
+        ManifestError: fewer than two groups among ``indices``.
+    """
+    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+
+    indices = np.asarray(indices, dtype=np.int64)
+    targets = manifest.targets()[indices]
+    groups = manifest.groups()
+    n_splits = max(2, int(round(1 / val_fraction)))
+    x = np.zeros(len(indices))
+    if groups is not None:
+        sub_groups = [groups[i] for i in indices]
+        n_groups = len(set(sub_groups))
+        if n_groups < 2:
+            raise ManifestError(f"the training folds hold a single group ({sub_groups[0]!r}); an inner "
+                                "validation split needs at least 2 groups")
+        n_splits = min(n_splits, n_groups)
+        splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
+        fit, val = next(splitter.split(x, targets, sub_groups))
+    else:
+        n_splits = min(n_splits, len(indices))
+        fit, val = next(StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, targets))
+    if abs(len(val) / len(indices) - val_fraction) > 0.05:
+        log.info("inner validation split: %d of %d clips (%.0f%%; %.0f%% asked, whole groups only)",
+                 len(val), len(indices), 100 * len(val) / len(indices), 100 * val_fraction)
+    return np.sort(indices[fit]), np.sort(indices[val])
+
+
+def split_holdout_groups(manifest, n_groups: int, seed: int = 0):
+    """Set ``n_groups`` whole groups aside as a test set: returns (rest, holdout) manifests.
+
+    Raises:
+        ManifestError: the manifest has no groups, or too few to leave two for CV.
+    """
+    groups = manifest.groups()
+    if groups is None:
+        raise ManifestError("a group hold-out needs a group column in the manifest")
+    names = sorted(set(groups))
+    if n_groups >= len(names) - 1:
+        raise ManifestError(f"cannot hold out {n_groups} of {len(names)} groups and still cross-validate")
+    chosen = set(np.random.default_rng(seed).choice(names, size=n_groups, replace=False).tolist())
+    held = [i for i, g in enumerate(groups) if g in chosen]
+    rest = [i for i, g in enumerate(groups) if g not in chosen]
+    log.info("holding out group(s) %s: %d clips", ", ".join(sorted(chosen)), len(held))
+    return manifest.subset(rest), manifest.subset(held)
+
+
+@dataclass(frozen=True)
+class FoldPlan:
+    """Row indices of one fold: ``fit`` trains, ``val`` selects, ``heldout`` is scored once."""
+
+    fold: int
+    fit: np.ndarray
+    val: np.ndarray
+    heldout: np.ndarray
+
+
+def plan_folds(manifest, cfg: RunConfig) -> tuple[np.ndarray, list[FoldPlan]]:
+    """Fold ids (N,) and every fold's (fit, val, heldout) indices; pure and deterministic."""
+    fold_ids = assign_folds(manifest, cfg.cv.k, cfg.cv.seed)
+    plans = []
+    for fold in range(int(fold_ids.max()) + 1):
+        heldout = np.flatnonzero(fold_ids == fold)
+        fit, val = inner_split(manifest, np.flatnonzero(fold_ids != fold), cfg.train.val_fraction,
+                               seed=cfg.cv.seed + fold)
+        plans.append(FoldPlan(fold, fit, val, heldout))
+    return fold_ids, plans
+
+
+@dataclass
+class CVResult:
+    """What :func:`cross_validate` produced: the bundle folder and, once merged, the report."""
+
+    out_dir: Path
+    bundle_dir: Path
+    folds_done: list[int]
+    report: dict | None = None
+
+    def summary(self) -> str:
+        if self.report is None:
+            return (f"folds {', '.join(map(str, self.folds_done))} done in {self.out_dir}; "
+                    f"run `audioclf cv-merge {self.out_dir}` once every fold is done")
+        from audioclf.report import summary_text
+
+        return summary_text(self.report)
+
+
+def _hash_array(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()[:16]
+
+
+def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | None = None, *,
+                   test_manifest=None, cache_dir=None, resume: bool = False, overwrite: bool = False,
+                   command: str | None = None) -> CVResult:
+    """Train and score one model per fold; with ``folds=None`` also assemble the bundle.
+
+    Args:
+        manifest: the clips to cross-validate.
+        cfg: the run configuration (``cfg.cv.k`` folds unless the manifest has official ones).
+        out_dir: run folder: ``fold-<k>/`` work folders and the ``bundle/``.
+        folds: train only these folds (0-based) and do not merge: for fan-out jobs.
+        test_manifest: optional clips never used for training or selection, on which
+            the ensemble of all fold models is scored (the only honest ensemble score).
+        cache_dir: waveform cache folder (default: see :class:`~audioclf.data.WaveformCache`).
+        resume: continue interrupted folds; finished folds with the same configuration
+            are always kept.
+        overwrite: retrain folds found in ``out_dir``.
+        command: the command line, recorded in the report.
+
+    Raises:
+        ConfigError: a fold outside [0, K), or ``out_dir`` holds folds of another configuration.
+        ManifestError: see :func:`assign_folds`.
+    """
+    from audioclf.bundle import merge_folds, read_fold_summary, write_run_inputs
+
+    out_dir = Path(out_dir)
+    fold_ids, plans = plan_folds(manifest, cfg)
+    n_folds = len(plans)
+    chosen = list(range(n_folds)) if folds is None else sorted(set(int(f) for f in folds))
+    bad = [f for f in chosen if not 0 <= f < n_folds]
+    if bad:
+        raise ConfigError(f"--folds {bad} outside [0, {n_folds}) for this {n_folds}-fold manifest")
+    write_run_inputs(out_dir, manifest, test_manifest, fold_ids)
+    identity = {"config": cfg.to_dict(), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
+                "folds": _hash_array(fold_ids), "n_folds": n_folds,
+                "test_manifest": test_manifest.content_hash() if test_manifest is not None else None}
+    for fold in chosen:
+        done = read_fold_summary(out_dir, fold, missing_ok=True)
+        if done is not None and not overwrite:
+            _require_same(done, identity, out_dir, fold)
+            log.info("fold %d already done in %s; kept (--overwrite retrains it)", fold, out_dir)
+            continue
+        _run_fold(manifest, cfg, out_dir, plans[fold], identity, test_manifest, cache_dir, resume, overwrite)
+    if folds is not None:
+        return CVResult(out_dir, out_dir / "bundle", chosen)
+    report = merge_folds(out_dir, command=command)
+    return CVResult(out_dir, out_dir / "bundle", chosen, report)
+
+
+def train_holdout(manifest, cfg: RunConfig, out_dir, split_column: str = "split", *, cache_dir=None,
+                  resume: bool = False, overwrite: bool = False, command: str | None = None) -> CVResult:
+    """An official train / validation / test split instead of folds: one model, one bundle.
+
+    Rows whose ``extra[split_column]`` is ``train`` are fitted, ``validation`` selects,
+    ``test`` is scored once. The bundle has a single fold model, ``fold-0``.
+
+    Raises:
+        ManifestError: the column is missing or a split is empty.
+    """
+    from audioclf.bundle import merge_folds, write_run_inputs
+
+    splits = [r.extra.get(split_column) for r in manifest.records]
+    parts = {name: np.flatnonzero([s == name for s in splits]) for name in ("train", "validation", "test")}
+    empty = [name for name, idx in parts.items() if len(idx) == 0]
+    if empty:
+        raise ManifestError(f"column {split_column!r}: no rows in split(s) {', '.join(empty)} "
+                            "(expected train, validation and test)")
+    fold_ids = np.full(len(manifest), -1, dtype=np.int64)
+    fold_ids[parts["test"]] = 0
+    plan = FoldPlan(0, parts["train"], parts["validation"], parts["test"])
+    write_run_inputs(out_dir, manifest, None, fold_ids)
+    identity = {"config": cfg.to_dict(), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
+                "folds": _hash_array(fold_ids), "n_folds": 1, "test_manifest": None}
+    _run_fold(manifest, cfg, Path(out_dir), plan, identity, None, cache_dir, resume, overwrite)
+    report = merge_folds(out_dir, command=command)
+    return CVResult(Path(out_dir), Path(out_dir) / "bundle", [0], report)
+
+
+def _require_same(done: dict, identity: dict, out_dir: Path, fold: int) -> None:
+    from audioclf.bundle import first_difference
+
+    diff = first_difference(done["identity"], identity)
+    if diff:
+        raise ConfigError(f"{out_dir}: fold {fold} was trained with a different {diff}; "
+                          "use --overwrite to retrain it or another --out")
+
+
+def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity: dict, test_manifest,
+              cache_dir, resume: bool, overwrite: bool) -> None:
+    """Fit one fold, score its held-out part (and the test set), write the fold's files."""
+    from audioclf.augment import tta_shifts
+    from audioclf.bundle import fold_summary, write_fold_summary
+    from audioclf.checkpoint import load_checkpoint
+    from audioclf.data import ClipDataset, WaveformCache
+    from audioclf.metrics import score_all
+    from audioclf.model import build_model
+    from audioclf.train import fit
+
+    fold_dir = out_dir / f"fold-{plan.fold}"
+    log.info("fold %d: fit %d clips, select on %d, hold out %d",
+             plan.fold, len(plan.fit), len(plan.val), len(plan.heldout))
+    cache = WaveformCache(manifest, cfg.audio.sample_rate, cache_dir, num_workers=cfg.train.num_workers).build()
+    targets = manifest.targets()
+    clip = cfg.audio.clip_samples
+
+    def dataset(indices, train):
+        return ClipDataset(cache, indices, targets[indices], clip, train=train, pad_mode=cfg.audio.pad_mode,
+                           seed=cfg.train.seed)
+
+    model = build_model(cfg, len(manifest.labels))
+    result = fit(model, dataset(plan.fit, True), dataset(plan.val, False), cfg, fold_dir / "train",
+                 label_names=manifest.labels.names, resume=resume, overwrite=overwrite)
+    model, _ = load_checkpoint(result.model_path)  # the chosen (best or SWA) model
+    device = _device(cfg.train.device)
+    model.to(device).eval()
+    shifts = tta_shifts(cfg.cv.tta_shifts, clip, cfg.cv.tta_max_shift)
+
+    def score(ds):  # (V, N, K) log-probs of the one fold model
+        return ensemble.score_dataset([model], ds, shifts, cfg.cv.tta_mode, cfg.train.batch_size, device)[0]
+
+    arrays = {"heldout_idx": plan.heldout, "val_idx": plan.val,
+              "heldout": score(dataset(plan.heldout, False)), "val": score(dataset(plan.val, False))}
+    if test_manifest is not None:
+        test_cache = WaveformCache(test_manifest, cfg.audio.sample_rate, cache_dir).build()
+        test_targets = test_manifest.labels.encode(r.label for r in test_manifest.records)
+        arrays["test"] = score(ClipDataset(test_cache, np.arange(len(test_manifest)), test_targets, clip,
+                                           train=False, pad_mode=cfg.audio.pad_mode))
+    with atomic_open(fold_dir / "predictions.npz", "wb") as f:
+        np.savez(f, **arrays)
+    _copy_model(Path(result.model_path), out_dir / "bundle" / f"fold-{plan.fold}")
+    heldout_score = score_all(targets[plan.heldout], np.exp(arrays["heldout"][0]))
+    log.info("fold %d: held-out accuracy %.4f, log loss %.4f (no TTA)",
+             plan.fold, heldout_score["accuracy"], heldout_score["log_loss"])
+    write_fold_summary(out_dir, plan.fold, fold_summary(plan, identity, result, shifts, heldout_score))
+
+
+def _copy_model(model_path: Path, dest_stem: Path) -> None:
+    """Copy the checkpoint pair (``.safetensors`` + ``.json``) to ``dest_stem.*`` atomically."""
+    stem = model_path.with_suffix("")
+    for suffix in (".safetensors", ".json"):
+        with atomic_path(dest_stem.with_suffix(suffix)) as tmp:
+            shutil.copyfile(stem.with_suffix(suffix), tmp)
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
