@@ -165,7 +165,10 @@ class WaveformCache:
 
     def _open(self) -> None:
         self._offsets = np.load(self.path / _OFFSETS)
-        self._data = np.memmap(self.path / _DATA, dtype=np.float32, mode="r")
+        if self._offsets[-1] == 0:  # an empty manifest: nothing to map
+            self._data = np.zeros(0, dtype=np.float32)
+        else:
+            self._data = np.memmap(self.path / _DATA, dtype=np.float32, mode="r")
 
     def __len__(self) -> int:
         return len(self.manifest)
@@ -176,6 +179,9 @@ class WaveformCache:
             if self.path is None:
                 raise RuntimeError("WaveformCache.build() must be called before reading")
             self._open()
+        if not -len(self) <= i < len(self):
+            raise IndexError(f"index {i} out of range for a cache of {len(self)} files")
+        i = i % len(self)
         start, stop = self._offsets[i], self._offsets[i + 1]
         return self._data[start:stop]
 
@@ -229,8 +235,14 @@ def _pool(num_workers: int):
     if num_workers == 0:
         yield None
         return
-    with multiprocessing.get_context().Pool(num_workers) as pool:
+    with multiprocessing.get_context().Pool(num_workers, initializer=_init_worker) as pool:
         yield pool
+
+
+def _init_worker() -> None:
+    # One thread per decoding process: no oversubscription, and no OpenMP pool inherited
+    # half-initialised through fork.
+    torch.set_num_threads(1)
 
 
 def _fsync_tree(folder: Path) -> None:

@@ -122,8 +122,10 @@ def test_header_only_file(tmp_path):
         load_audio(path)
 
 
-@pytest.mark.parametrize("fmt, ext", [("WAV", "wav"), ("FLAC", "flac"), ("OGG", "ogg")])
+@pytest.mark.parametrize("fmt, ext", [("WAV", "wav"), ("FLAC", "flac"), ("OGG", "ogg"), ("MP3", "mp3")])
 def test_truncated_file(tmp_path, fmt, ext):
+    if fmt not in sf.available_formats():
+        pytest.skip(f"this libsndfile ({sf.__libsndfile_version__}) cannot handle {fmt}")
     full = _write(tmp_path / f"full.{ext}", np.random.default_rng(0).uniform(-0.5, 0.5, 8000), format=fmt)
     data = full.read_bytes()
     cut = tmp_path / f"cut.{ext}"

@@ -288,3 +288,14 @@ def test_clip_dataset_rejects_bad_arguments(cache, kwargs, message):
     args = {"indices": [0, 1], "targets": [0, 1], "clip_samples": 100, "train": True, **kwargs}
     with pytest.raises(ValueError, match=message):
         ClipDataset(cache, **args)
+
+
+def test_cache_indexing_follows_sequence_rules(cache):
+    np.testing.assert_array_equal(cache[-1], cache[3])
+    with pytest.raises(IndexError, match="index 4 out of range for a cache of 4 files"):
+        cache[4]
+
+
+def test_empty_manifest_gives_an_empty_cache(tmp_path):
+    cache = WaveformCache(Manifest([], tmp_path), 8000, tmp_path / "cache").build()
+    assert len(cache) == 0 and cache.lengths.tolist() == []
