@@ -9,6 +9,7 @@ import pytest
 import soundfile as sf
 
 from audioclf.audio import load_audio
+from audioclf.commands import manifest as manifest_command
 from audioclf.errors import ManifestError
 from audioclf.layouts import FORMATS
 from audioclf.manifest import build_manifest
@@ -27,8 +28,9 @@ def _write(root: Path, path: str, text: str) -> None:
     (root / path).write_text(text)
 
 
-def test_every_format_has_a_builder():
+def test_every_format_has_a_builder_and_a_command_choice():
     assert set(FORMATS) == {"fsdd", "esc50", "urbansound8k", "speechcommands", "gtzan", "folders"}
+    assert tuple(FORMATS) == manifest_command.FORMATS  # the command lists them without importing us
 
 
 # --- folders ----------------------------------------------------------------------------

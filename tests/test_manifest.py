@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 
+from audioclf.commands import manifest as manifest_command
 from audioclf.errors import ManifestError
 from audioclf.manifest import LabelMap, Manifest, Record, build_manifest, read_manifest, write_manifest
 
@@ -145,3 +150,32 @@ def test_content_hash_changes_with_any_field_and_not_otherwise():
 def test_build_manifest_lists_valid_formats(tmp_path):
     with pytest.raises(ManifestError, match="unknown dataset format 'esc10'; valid formats: fsdd, esc50"):
         build_manifest("esc10", tmp_path)
+
+
+# --- the `audioclf manifest` command --------------------------------------------------------
+
+
+def _run_command(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    manifest_command.add_arguments(parser)
+    return manifest_command.run(parser.parse_args(argv))
+
+
+def test_manifest_command_on_real_fsdd(fsdd_dir, tmp_path, capsys):
+    out = tmp_path / "fsdd.csv"
+    assert _run_command(["--format", "fsdd", str(fsdd_dir), "-o", str(out)]) == 0
+    assert capsys.readouterr().out == f"{out}: 3000 rows, 10 labels, 0 folds, 6 groups\n"
+    m = read_manifest(out, root=fsdd_dir)
+    assert len(m) == 3000 and len(m.labels) == 10 and len(set(m.groups())) == 6
+
+
+def test_manifest_command_rejects_unknown_format(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        _run_command(["--format", "timit", str(tmp_path), "-o", str(tmp_path / "x.csv")])
+    assert "invalid choice: 'timit'" in capsys.readouterr().err
+
+
+def test_manifest_command_imports_only_the_standard_library():
+    code = "import sys, audioclf.commands.manifest; print(sorted({'torch', 'numpy'} & set(sys.modules)))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
