@@ -150,8 +150,7 @@ class WaveformCache:
 
     def _decode_all(self, data_path: Path) -> list[int]:
         """Decode every file in manifest order, appending float32 samples to ``data_path``."""
-        paths = [str(self.manifest.abspath(i)) for i in range(len(self.manifest))]
-        jobs = [(p, self.sample_rate) for p in paths]
+        jobs = [(str(self.manifest.abspath(i)), self.sample_rate) for i in range(len(self.manifest))]
         lengths = []
         with open(data_path, "wb") as f, _pool(self.num_workers) as pool:
             decoded = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)

@@ -178,45 +178,45 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
     records, problems = _parse_rows(header, rows)
     problems += _check_optional_columns(header, rows, records)
     if check_files:
-        problems += [f"line {line}: file not found: {root / r.path}"
+        problems += [(line, f"file not found: {root / r.path}")
                      for line, r in records if not (root / r.path).is_file()]
     if problems:
-        problems.sort(key=lambda p: int(p.split(":")[0].split()[1]))
-        raise ManifestError(f"{path}: {len(problems)} problem(s) in the manifest", problems)
+        raise ManifestError(f"{path}: {len(problems)} problem(s) in the manifest",
+                            [f"line {line}: {message}" for line, message in sorted(problems)])
     return Manifest([r for _, r in records], root)
 
 
-def _parse_rows(header: list[str], rows: list[tuple[int, list[str]]]) -> tuple[list, list[str]]:
-    """Rows -> (line, Record) pairs plus every problem found."""
+def _parse_rows(header: list[str], rows: list[tuple[int, list[str]]]) -> tuple[list, list]:
+    """Rows -> (line, Record) pairs plus every problem found, as (line, message)."""
     records, problems, first_line = [], [], {}
     extras = [c for c in header if c not in REQUIRED + OPTIONAL]
     for line, row in rows:
         if len(row) != len(header):
-            problems.append(f"line {line}: {len(row)} fields, the header has {len(header)}")
+            problems.append((line, f"{len(row)} fields, the header has {len(header)}"))
             continue
         cells = {c: v.strip() for c, v in zip(header, row)}
         if not cells["path"]:
-            problems.append(f"line {line}: empty path")
+            problems.append((line, "empty path"))
             continue
         if not cells["label"]:
-            problems.append(f"line {line}: empty label for {cells['path']!r}")
+            problems.append((line, f"empty label for {cells['path']!r}"))
         if cells["path"] in first_line:
-            problems.append(f"line {line}: duplicate path {cells['path']!r} "
-                            f"(first on line {first_line[cells['path']]})")
+            problems.append((line, f"duplicate path {cells['path']!r} "
+                                   f"(first on line {first_line[cells['path']]})"))
         first_line.setdefault(cells["path"], line)
         fold = cells.get("fold") or None
         if fold is not None:
             try:
                 fold = int(fold)
             except ValueError:
-                problems.append(f"line {line}: fold {fold!r} is not an integer")
+                problems.append((line, f"fold {fold!r} is not an integer"))
                 fold = None
         records.append((line, Record(cells["path"], cells["label"], fold, cells.get("group") or None,
                                      {c: cells[c] for c in extras})))
     return records, problems
 
 
-def _check_optional_columns(header, rows, records) -> list[str]:
+def _check_optional_columns(header, rows, records) -> list[tuple[int, str]]:
     """A fold or group column is either empty throughout or filled on every row."""
     problems = []
     raw = {line: dict(zip(header, row)) for line, row in rows}
@@ -225,7 +225,7 @@ def _check_optional_columns(header, rows, records) -> list[str]:
             continue
         empty = [line for line, _ in records if not raw[line][column].strip()]
         if empty and len(empty) < len(records):
-            problems += [f"line {line}: empty {column} (other rows have one)" for line in empty]
+            problems += [(line, f"empty {column} (other rows have one)") for line in empty]
     return problems
 
 
