@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -29,7 +28,7 @@ from typing import Sequence
 import numpy as np
 
 from audioclf import ensemble
-from audioclf._io import atomic_open, atomic_path
+from audioclf._io import atomic_open
 from audioclf.config import RunConfig
 from audioclf.errors import ConfigError, ManifestError
 
@@ -278,7 +277,7 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
     """Fit one fold, score its held-out part (and the test set), write the fold's files."""
     from audioclf.augment import tta_shifts
     from audioclf.bundle import fold_summary, write_fold_summary
-    from audioclf.checkpoint import load_checkpoint
+    from audioclf.checkpoint import load_checkpoint, save_checkpoint
     from audioclf.data import ClipDataset, WaveformCache
     from audioclf.metrics import score_all
     from audioclf.model import build_model
@@ -315,19 +314,12 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
                                            train=False, pad_mode=cfg.audio.pad_mode))
     with atomic_open(fold_dir / "predictions.npz", "wb") as f:
         np.savez(f, **arrays)
-    _copy_model(Path(result.model_path), out_dir / "bundle" / f"fold-{plan.fold}")
+    save_checkpoint(model, out_dir / "bundle" / f"fold-{plan.fold}", cfg, manifest.labels.names,
+                    extra={"fold": plan.fold, "chosen": result.chosen, "best_epoch": result.best_epoch})
     heldout_score = score_all(targets[plan.heldout], np.exp(arrays["heldout"][0]))
     log.info("fold %d: held-out accuracy %.4f, log loss %.4f (no TTA)",
              plan.fold, heldout_score["accuracy"], heldout_score["log_loss"])
     write_fold_summary(out_dir, plan.fold, fold_summary(plan, identity, result, shifts, heldout_score))
-
-
-def _copy_model(model_path: Path, dest_stem: Path) -> None:
-    """Copy the checkpoint pair (``.safetensors`` + ``.json``) to ``dest_stem.*`` atomically."""
-    stem = model_path.with_suffix("")
-    for suffix in (".safetensors", ".json"):
-        with atomic_path(dest_stem.with_suffix(suffix)) as tmp:
-            shutil.copyfile(stem.with_suffix(suffix), tmp)
 
 
 def _device(name: str) -> str:
