@@ -150,12 +150,11 @@ class WaveformCache:
 
     def _decode_all(self, data_path: Path) -> list[int]:
         """Decode every file in manifest order, appending float32 samples to ``data_path``."""
-        jobs = [(str(self.manifest.abspath(i)), self.sample_rate) for i in range(len(self.manifest))]
+        jobs = [(i, str(self.manifest.abspath(i)), self.sample_rate) for i in range(len(self.manifest))]
         lengths = []
         with open(data_path, "wb") as f, _pool(self.num_workers) as pool:
             decoded = pool.imap(_decode, jobs, chunksize=16) if pool else map(_decode, jobs)
-            for waveform in tqdm(decoded, total=len(jobs), desc="caching waveforms", unit="file",
-                                 disable=None):
+            for waveform in tqdm(decoded, total=len(jobs), desc="caching waveforms", unit="file", disable=None):
                 waveform.tofile(f)
                 lengths.append(len(waveform))
         return lengths
@@ -198,9 +197,12 @@ class WaveformCache:
         return state
 
 
-def _decode(job: tuple[str, int]) -> np.ndarray:
-    path, sample_rate = job
-    waveform, _ = load_audio(path, sample_rate=sample_rate)
+def _decode(job: tuple[int, str, int]) -> np.ndarray:
+    index, path, sample_rate = job
+    try:
+        waveform, _ = load_audio(path, sample_rate=sample_rate)
+    except AudioError as e:
+        raise AudioError(f"{e} (record {index} of the manifest: replace the file or drop its row)") from None
     return waveform.numpy()
 
 

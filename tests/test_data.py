@@ -42,7 +42,7 @@ def _count_decodes(monkeypatch) -> list[str]:
     real = data_module._decode
 
     def counting(job):
-        calls.append(job[0])
+        calls.append(job[1])
         return real(job)
 
     monkeypatch.setattr(data_module, "_decode", counting)
@@ -144,11 +144,12 @@ def test_missing_file_is_named(mixed, tmp_path):
 # --- atomicity and concurrency ----------------------------------------------------------
 
 
-def test_failed_build_leaves_nothing(mixed, tmp_path):
+@pytest.mark.parametrize("workers", [0, 2])
+def test_failed_build_leaves_nothing(mixed, tmp_path, workers):
     mixed.abspath(2).write_text("not audio")
     cache_dir = tmp_path / "cache"
-    with pytest.raises(AudioError, match=r"c\.flac: cannot decode audio"):
-        WaveformCache(mixed, 16000, cache_dir).build()
+    with pytest.raises(AudioError, match=r"c\.flac: cannot decode audio .* \(record 2 of the manifest"):
+        WaveformCache(mixed, 16000, cache_dir, num_workers=workers).build()
     assert _cache_dirs(cache_dir) == []
 
 
@@ -199,7 +200,7 @@ def _build_logging_decodes(manifest, cache_dir, log):
 
     def logged(job):
         with open(log, "a") as f:
-            f.write(job[0] + "\n")
+            f.write(job[1] + "\n")
         return real(job)
 
     data_module._decode = logged
