@@ -94,23 +94,28 @@ def _decode(path: Path) -> tuple[np.ndarray, int]:
     except OSError as e:
         raise AudioError(f"{path}: cannot read file ({e.strerror or e})") from None
 
-    short = _SHORT_CHUNK.search(log)
-    if short and int(short.group(1)) > int(short.group(2)):
-        raise AudioError(f"{path}: truncated file: header declares {short.group(1)} data bytes, "
-                         f"only {short.group(2)} present")
-    if "ended unexpectedly" in log:  # Ogg without its end-of-stream page
-        raise AudioError(f"{path}: truncated file: the stream ends without its final page")
-    if fmt == "MPEG":  # an MP3's frame count is estimated from its bit rate: allow 10%
-        declared = int(0.9 * declared)
-    if len(data) < declared:
-        raise AudioError(f"{path}: truncated file: header declares {declared} samples, "
-                         f"only {len(data)} could be decoded")
+    _check_complete(path, len(data), declared, log, fmt)
     if len(data) == 0:
         raise AudioError(f"{path}: contains no samples (header only)")
     if rate <= 0 or rate > MAX_SAMPLE_RATE:
         raise AudioError(f"{path}: file declares an implausible sample rate of {rate} Hz")
     _check_finite(data, path)
     return data, rate
+
+
+def _check_complete(path: Path, decoded: int, declared: int, log: str, fmt: str) -> None:
+    """Raise AudioError when the file holds less audio than its header declares."""
+    short = _SHORT_CHUNK.search(log)
+    if short and int(short.group(1)) > int(short.group(2)):
+        raise AudioError(f"{path}: truncated file: header declares {short.group(1)} data bytes, "
+                         f"only {short.group(2)} present")
+    if "ended unexpectedly" in log:  # Ogg without its end-of-stream page
+        raise AudioError(f"{path}: truncated file: the stream ends without its final page")
+    # An MP3's frame count may be estimated from its bit rate: allow 10% for it.
+    expected = int(0.9 * declared) if fmt == "MPEG" else declared
+    if decoded < expected:
+        raise AudioError(f"{path}: truncated file: header declares {declared} samples, "
+                         f"only {decoded} could be decoded")
 
 
 def _check_finite(data: np.ndarray, path: Path) -> None:
