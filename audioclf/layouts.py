@@ -32,7 +32,7 @@ from pathlib import Path
 from audioclf.errors import ManifestError
 from audioclf.manifest import Manifest, Record
 
-__all__ = ["FORMATS", "build", "AUDIO_EXTENSIONS"]
+__all__ = ["FORMATS", "build_manifest", "AUDIO_EXTENSIONS"]
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".au", ".aiff", "
 _SHOW = 5  # missing files named in an error before "..."
 
 
-def build(format: str, root: str | os.PathLike) -> Manifest:
+def build_manifest(format: str, root: str | os.PathLike) -> Manifest:
     """Build a manifest for ``format`` from ``root`` (see the module docstring for layouts)."""
     builder = FORMATS.get(format)
     if builder is None:

@@ -17,6 +17,7 @@ in :mod:`audioclf.layouts`; :func:`build_manifest` dispatches to them.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import hashlib
 import json
 import os
@@ -125,6 +126,17 @@ class Manifest:
     def subset(self, indices: Iterable[int]) -> "Manifest":
         """The records at ``indices``, same root and label map."""
         return Manifest([self.records[int(i)] for i in indices], self.root, self.labels)
+
+    def without_folds(self) -> "Manifest":
+        """A copy with every fold cleared (to cross-validate without the official folds)."""
+        return self._replace(fold=None)
+
+    def without_groups(self) -> "Manifest":
+        """A copy with every group cleared (to split by stratification alone)."""
+        return self._replace(group=None)
+
+    def _replace(self, **changes) -> "Manifest":
+        return Manifest([dataclasses.replace(r, **changes) for r in self.records], self.root, self.labels)
 
     def content_hash(self) -> str:
         """SHA-256 (hex) of the records: changes when any path, label, fold, group or extra does."""
@@ -262,6 +274,6 @@ def build_manifest(format: str, root: str | os.PathLike) -> Manifest:
         ManifestError: an unknown format (listing the valid ones) or a folder that is not
             in the expected layout (saying which file or folder was expected).
     """
-    from audioclf.layouts import build  # noqa: PLC0415 (layouts imports this module)
+    from audioclf import layouts  # noqa: PLC0415 (layouts imports this module)
 
-    return build(format, root)
+    return layouts.build_manifest(format, root)

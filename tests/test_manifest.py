@@ -137,6 +137,15 @@ def test_subset_keeps_the_parent_label_map():
     assert sub.root == m.root
 
 
+def test_without_folds_and_groups_clear_only_that_column():
+    m = Manifest([Record("a", "cat", 1, "g", {"s": "t"}), Record("b", "dog", 2, "h")], "/data")
+    no_folds, no_groups = m.without_folds(), m.without_groups()
+    assert no_folds.folds() is None and no_folds.groups() == ["g", "h"]
+    assert no_groups.groups() is None and no_groups.folds().tolist() == [1, 2]
+    assert no_folds.records[0].extra == {"s": "t"} and no_folds.labels == m.labels
+    assert m.folds().tolist() == [1, 2]  # the original is untouched
+
+
 def test_content_hash_changes_with_any_field_and_not_otherwise():
     base = [Record("a", "cat", 1, "g"), Record("b", "dog", 2, "h")]
     h = Manifest(base, "/x").content_hash()
