@@ -69,7 +69,7 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0
     return fb.T.contiguous().float()
 
 
-def _mel_bands(fb: Tensor, group: int = 8) -> list[tuple[int, int, int, int]]:
+def _mel_bands(fb: Tensor, group: int = 16) -> list[tuple[int, int, int, int]]:
     """Split the filters into groups of ``group`` neighbours and the FFT bins each group touches.
 
     Returns (bin_lo, bin_hi, mel_lo, mel_hi) tuples; projecting only ``power[..., bin_lo:bin_hi]``
@@ -158,7 +158,7 @@ class LogMel(nn.Module):
         self.register_buffer("norm_mean", torch.zeros(n_mels))
         self.register_buffer("norm_std", torch.ones(n_mels))
         self._bands = _mel_bands(fb)
-        self.chunk_size = 4  # clips per CPU chunk: their spectra (~2 MB each) stay in cache
+        self.chunk_size = 1  # clips per CPU chunk: a 5 s clip's spectrum (~2 MB) fits in L2
 
     @classmethod
     def from_config(cls, sample_rate: int, cfg: FeatureConfig) -> "LogMel":
@@ -222,35 +222,60 @@ class LogMel(nn.Module):
 
     def log_mel(self, waveforms: Tensor) -> Tensor:
         """Un-normalized log-mel in dB: (B, N) float32 -> (B, n_mels, T) float32 (no checks)."""
-        if waveforms.device.type != "cpu" or waveforms.shape[0] <= self.chunk_size:
-            return self._log_mel_chunk(waveforms)
-        chunks = [self._log_mel_chunk(c) for c in waveforms.split(self.chunk_size)]
-        return torch.cat(chunks)
+        cpu = waveforms.device.type == "cpu"
+        return self._to_db_(self._mel_banded(waveforms) if cpu else self._mel_dense(waveforms))
 
-    def _log_mel_chunk(self, x: Tensor) -> Tensor:
-        # (B, N) -> (B, T, n_fft): frames are strided views, then one windowed copy.
+    def _mel_dense(self, x: Tensor) -> Tensor:
+        """(B, N) -> (B, n_mels, T) mel energies: the whole batch at once (for accelerators)."""
+        return self.mel_fb.T @ self._power(x).mT  # (n_mels, F) @ (B, F, T) -> (B, n_mels, T)
+
+    def _frames(self, x: Tensor) -> Tensor:
+        """(B, N) -> (B, T, n_fft) windowed frames (the only copy of the signal)."""
         if self.center:
             x = nn.functional.pad(x, (self.n_fft // 2, self.n_fft // 2))
-        frames = x.unfold(-1, self.n_fft, self.hop_length) * self.window
-        spec = torch.view_as_real(torch.fft.rfft(frames, dim=-1))  # (B, T, n_freqs, 2)
-        power = spec.square().sum(-1)  # |X|^2 without a complex abs: (B, T, n_freqs)
-        if self.power == 1.0:
-            power = power.sqrt()
-        mel = self._project(power)  # (B, T, n_mels)
-        db = 10.0 * torch.log10(torch.clamp(mel, min=self.amin))
+        return x.unfold(-1, self.n_fft, self.hop_length) * self.window
+
+    def _power(self, x: Tensor) -> Tensor:
+        """(B, N) -> (B, T, n_freqs): |X|^2 (or |X| for power=1) from the real and imaginary parts."""
+        spec = torch.view_as_real(torch.fft.rfft(self._frames(x), dim=-1))  # (B, T, n_freqs, 2)
+        re, im = spec[..., 0], spec[..., 1]
+        power = torch.addcmul(re * re, im, im)
+        return power.sqrt_() if self.power == 1.0 else power
+
+    def _mel_banded(self, x: Tensor) -> Tensor:
+        """(B, N) -> (B, n_mels, T) mel energies, a few clips at a time so they stay in cache."""
+        # For power 2 the mel weights are repeated for the real and imaginary halves, so
+        # squaring the interleaved spectrum in place and one projection also do the sum.
+        interleaved = self.power == 2.0
+        blocks = self._band_blocks(interleaved)
+        out = x.new_empty(x.shape[0], self.n_mels, self.num_frames(x.shape[1]))
+        for start in range(0, x.shape[0], self.chunk_size):
+            chunk = x[start:start + self.chunk_size]
+            if interleaved:
+                spec = torch.view_as_real(torch.fft.rfft(self._frames(chunk), dim=-1))
+                power = spec.square_().flatten(-2)  # (b, T, n_freqs, 2) -> (b, T, 2 n_freqs)
+            else:
+                power = self._power(chunk)  # (b, T, n_freqs)
+            mel = power.new_empty(power.shape[:-1] + (self.n_mels,))  # (b, T, n_mels)
+            for lo, hi, m0, m1, weights in blocks:
+                torch.matmul(power[..., lo:hi], weights, out=mel[..., m0:m1])
+            out[start:start + len(chunk)] = mel.transpose(1, 2)  # (b, T, n_mels) -> (b, n_mels, T)
+        return out
+
+    def _band_blocks(self, interleaved: bool) -> list[tuple[int, int, int, int, Tensor]]:
+        """The non-zero blocks of the mel matrix: (bin_lo, bin_hi, mel_lo, mel_hi, weights)."""
+        fb = self.mel_fb.repeat_interleave(2, dim=0) if interleaved else self.mel_fb
+        k = 2 if interleaved else 1
+        return [(k * lo, k * hi, m0, m1, fb[k * lo:k * hi, m0:m1].contiguous())
+                for lo, hi, m0, m1 in self._bands]
+
+    def _to_db_(self, mel: Tensor) -> Tensor:
+        """In place: (B, n_mels, T) energies -> dB, floored at each clip's peak - top_db."""
+        db = mel.clamp_(min=self.amin).log10_().mul_(10.0)
         if self.top_db is not None:
             peak = db.amax(dim=(1, 2), keepdim=True)  # per clip, not per batch
-            db = torch.maximum(db, peak - self.top_db)
-        return db.transpose(1, 2)  # (B, T, n_mels) -> (B, n_mels, T)
-
-    def _project(self, power: Tensor) -> Tensor:
-        """(B, T, n_freqs) -> (B, T, n_mels), touching only each filter group's non-zero bins."""
-        if power.device.type != "cpu":
-            return power @ self.mel_fb
-        mel = power.new_empty(power.shape[:-1] + (self.n_mels,))
-        for lo, hi, m0, m1 in self._bands:
-            torch.matmul(power[..., lo:hi], self.mel_fb[lo:hi, m0:m1], out=mel[..., m0:m1])
-        return mel
+            db = torch.maximum(db, peak - self.top_db, out=db)
+        return db
 
     def _normalize(self, db: Tensor) -> Tensor:
         if self.normalize == "dataset":

@@ -232,3 +232,13 @@ def test_cuda_matches_cpu_and_keeps_float32_under_autocast():
         auto = gpu(x.cuda().half())
     assert auto.dtype == torch.float32
     torch.testing.assert_close(auto.cpu(), cpu(x.half().float()), atol=2e-3, rtol=0)
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_cpu_banded_projection_equals_the_dense_path(power):
+    # The CPU path skips the mel matrix's zeros; accelerators use the dense product.
+    x = _signals()
+    logmel = LogMel(SR, n_mels=64, power=power)
+    banded, dense = logmel._mel_banded(x), logmel._mel_dense(x)
+    assert banded.shape == dense.shape == (4, 64, logmel.num_frames(SR))
+    torch.testing.assert_close(banded, dense, rtol=1e-4, atol=1e-6 * float(dense.max()))
