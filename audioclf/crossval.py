@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -217,7 +218,8 @@ def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | Non
     bad = [f for f in chosen if not 0 <= f < n_folds]
     if bad:
         raise ConfigError(f"--folds {bad} outside [0, {n_folds}) for this {n_folds}-fold manifest")
-    write_run_inputs(out_dir, manifest, test_manifest, fold_ids)
+    if _is_main_process():
+        write_run_inputs(out_dir, manifest, test_manifest, fold_ids)
     identity = {"config": cfg.to_dict(), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
                 "folds": _hash_array(fold_ids), "n_folds": n_folds,
                 "test_manifest": test_manifest.content_hash() if test_manifest is not None else None}
@@ -228,7 +230,7 @@ def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | Non
             log.info("fold %d already done in %s; kept (--overwrite retrains it)", fold, out_dir)
             continue
         _run_fold(manifest, cfg, out_dir, plans[fold], identity, test_manifest, cache_dir, resume, overwrite)
-    if folds is not None:
+    if folds is not None or not _is_main_process():
         return CVResult(out_dir, out_dir / "bundle", chosen)
     report = merge_folds(out_dir, command=command)
     return CVResult(out_dir, out_dir / "bundle", chosen, report)
@@ -255,10 +257,13 @@ def train_holdout(manifest, cfg: RunConfig, out_dir, split_column: str = "split"
     fold_ids = np.full(len(manifest), -1, dtype=np.int64)
     fold_ids[parts["test"]] = 0
     plan = FoldPlan(0, parts["train"], parts["validation"], parts["test"])
-    write_run_inputs(out_dir, manifest, None, fold_ids)
+    if _is_main_process():
+        write_run_inputs(out_dir, manifest, None, fold_ids)
     identity = {"config": cfg.to_dict(), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
                 "folds": _hash_array(fold_ids), "n_folds": 1, "test_manifest": None}
     _run_fold(manifest, cfg, Path(out_dir), plan, identity, None, cache_dir, resume, overwrite)
+    if not _is_main_process():
+        return CVResult(Path(out_dir), Path(out_dir) / "bundle", [0])
     report = merge_folds(out_dir, command=command)
     return CVResult(Path(out_dir), Path(out_dir) / "bundle", [0], report)
 
@@ -297,6 +302,8 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
     model = build_model(cfg, len(manifest.labels))
     result = fit(model, dataset(plan.fit, True), dataset(plan.val, False), cfg, fold_dir / "train",
                  label_names=manifest.labels.names, resume=resume, overwrite=overwrite)
+    if not _is_main_process():  # under torchrun, rank 0 scores and writes; the others move on
+        return
     model, _ = load_checkpoint(result.model_path)  # the chosen (best or SWA) model
     device = _device(cfg.train.device)
     model.to(device).eval()
@@ -320,6 +327,11 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
     log.info("fold %d: held-out accuracy %.4f, log loss %.4f (no TTA)",
              plan.fold, heldout_score["accuracy"], heldout_score["log_loss"])
     write_fold_summary(out_dir, plan.fold, fold_summary(plan, identity, result, shifts, heldout_score))
+
+
+def _is_main_process() -> bool:
+    """Rank 0 under torchrun (RANK is set before the process group exists), else True."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _device(name: str) -> str:

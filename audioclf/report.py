@@ -27,7 +27,8 @@ import numpy as np
 from audioclf._io import atomic_path, write_json_atomic, write_text_atomic
 from audioclf.metrics import ECE_BINS, confusion_matrix, score_all
 
-__all__ = ["build_cv_report", "score_ensemble_on_test", "write_report", "summary_text", "ENSEMBLE_NOTE"]
+__all__ = ["build_cv_report", "score_ensemble_on_test", "evaluate_bundle", "write_report", "summary_text",
+           "ENSEMBLE_NOTE"]
 
 log = logging.getLogger(__name__)
 
@@ -122,6 +123,47 @@ def score_ensemble_on_test(test_rows: list[dict], preds: dict[int, dict], labels
 
 def chosen_key(selection: dict) -> str:
     return ("tta-" if len(selection["tta_shifts"]) > 1 else "") + selection["rule"]
+
+
+def evaluate_bundle(bundle_dir, manifest, out_dir, cache_dir=None, device: str = "auto",
+                    batch_size: int = 32) -> dict:
+    """Score a bundle's ensemble on every clip of ``manifest``; write the report into ``out_dir``.
+
+    Raises:
+        ManifestError: the manifest has labels the bundle does not know (named).
+        BundleError: see :func:`audioclf.bundle.read_bundle`.
+    """
+    from audioclf._io import atomic_open
+    from audioclf.bundle import read_bundle, versions
+    from audioclf.data import ClipDataset, WaveformCache
+    from audioclf.errors import ManifestError
+    from audioclf.predict import Predictor
+
+    bundle = read_bundle(bundle_dir)
+    unknown = sorted({r.label for r in manifest.records} - set(bundle.labels))
+    if unknown:
+        raise ManifestError(f"the manifest has labels the bundle was not trained on: {', '.join(unknown)} "
+                            f"(bundle labels: {', '.join(bundle.labels)})")
+    predictor = Predictor.from_bundle(bundle.path, device=device, batch_size=batch_size)
+    targets = np.array([bundle.labels.index(r.label) for r in manifest.records], dtype=np.int64)
+    cache = WaveformCache(manifest, bundle.sample_rate, cache_dir).build()
+    dataset = ClipDataset(cache, np.arange(len(manifest)), targets, bundle.clip_samples, train=False,
+                          pad_mode=bundle.pad_mode)
+    from torch.utils.data import DataLoader
+
+    probs = np.concatenate([predictor.predict_batch(x) for x, _ in DataLoader(dataset, batch_size=batch_size)])
+    report = {"protocol": "evaluation", "bundle": str(bundle.path), "n_clips": len(manifest),
+              "labels": bundle.labels, "rule": bundle.rule, "tta_shifts": bundle.tta_shifts,
+              "ece_bins": ECE_BINS, "scores": score_all(targets, probs),
+              "confusion_matrix": confusion_matrix(targets, probs).tolist(), "versions": versions()}
+    out_dir = Path(out_dir)
+    with atomic_open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(["path", "label", "predicted", *(f"p_{name}" for name in bundle.labels)])
+        for r, p in zip(manifest.records, probs):
+            writer.writerow([r.path, r.label, bundle.labels[int(p.argmax())], *(f"{x:.6f}" for x in p)])
+    write_report(out_dir, report)
+    return report
 
 
 # ---------------------------------------------------------------- writing
@@ -263,14 +305,15 @@ def _plot_curves(path: Path, curves: dict[int, Path]) -> None:
     """Losses (left) and other validation metrics (right) per epoch, one line per fold."""
     fig = _figure(9, 3.2)
     left, right = fig.subplots(1, 2)
-    for fold, csv_path in sorted(curves.items()):
+    for i, (fold, csv_path) in enumerate(sorted(curves.items())):
         cols = read_curves(Path(csv_path))
         x = cols.get("epoch", list(range(1, 1 + len(next(iter(cols.values()), [])))))
         for name, values in cols.items():
             if name == "epoch" or "lr" in name or "time" in name or "seconds" in name:
                 continue
             ax = left if "loss" in name else right
-            ax.plot(x, values, marker=".", label=f"fold {fold} {name}")
+            style = "--" if name.startswith("train") else "-"  # one colour per fold
+            ax.plot(x, values, style, color=f"C{i % 10}", marker=".", label=f"fold {fold} {name}")
     for ax, title in ((left, "loss"), (right, "validation metrics")):
         ax.set_xlabel("epoch")
         ax.set_title(title)
