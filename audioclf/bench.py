@@ -1,0 +1,186 @@
+"""Throughput of each pipeline stage on this machine, against a reference measured in the same run.
+
+Each stage is a function ``bench_<stage>(settings) -> list[BenchRow]`` registered in
+:data:`STAGES`; its first row is the reference (ratio 1.0) and the others are compared
+with it. To add a stage (data loading, model forward), write one such function and add
+it to ``STAGES``: :func:`run_benchmarks` and :func:`format_table` need no change.
+
+Times are the median of ``repeats`` runs after one warm-up run, because the machine is
+usually shared; ratios are more stable than absolute figures.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from audioclf.errors import ConfigError
+from audioclf.features import LogMel
+
+__all__ = ["BenchSettings", "BenchRow", "STAGES", "run_benchmarks", "format_table", "bench_logmel"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BenchSettings:
+    """What to measure. Defaults: 64 five-second clips at 32 kHz, the front end's defaults."""
+
+    batch_size: int = 64
+    seconds: float = 5.0
+    sample_rate: int = 32000
+    n_fft: int = 1024
+    hop_length: int = 320
+    n_mels: int = 128
+    repeats: int = 5
+    device: str = "auto"  # "auto" adds CUDA rows when a GPU is present; "cpu" never does
+    seed: int = 0
+
+    def __post_init__(self):
+        checks = [
+            (self.batch_size >= 1, "batch_size", ">= 1"),
+            (self.seconds > 0, "seconds", "positive"),
+            (self.sample_rate > 0, "sample_rate", "positive"),
+            (self.repeats >= 1, "repeats", ">= 1"),
+            (self.device in ("auto", "cpu", "cuda"), "device", "'auto', 'cpu' or 'cuda'"),
+        ]
+        for ok, name, allowed in checks:
+            if not ok:
+                raise ConfigError(f"bench {name} must be {allowed} ({getattr(self, name)!r} given)")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("bench device 'cuda' was asked for but no CUDA device is available")
+        n = int(self.seconds * self.sample_rate)
+        if n < self.n_fft:
+            raise ConfigError(f"bench clips of {n} samples are shorter than n_fft={self.n_fft}; "
+                              "raise seconds or sample_rate")
+
+    @property
+    def clip_samples(self) -> int:
+        return int(self.seconds * self.sample_rate)
+
+    def use_cuda(self) -> bool:
+        return self.device == "cuda" or (self.device == "auto" and torch.cuda.is_available())
+
+
+@dataclass(frozen=True)
+class BenchRow:
+    """One measured method of one stage.
+
+    ``ratio`` is this method's throughput over the stage's reference (first row);
+    ``max_abs_diff`` is its largest output difference from the reference (None when not
+    comparable), so a fast but wrong method shows.
+    """
+
+    stage: str
+    method: str
+    seconds: float  # median wall time of one run over the whole batch
+    items: int
+    unit: str = "clips/s"
+    ratio: float = 1.0
+    max_abs_diff: float | None = None
+    note: str = ""
+
+    @property
+    def throughput(self) -> float:
+        return self.items / self.seconds if self.seconds > 0 else math.inf
+
+
+def _median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
+    fn()  # warm-up: allocations, caches, lazy initialisation
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def _test_batch(s: BenchSettings) -> torch.Tensor:
+    """(B, N) noise with a different level per clip, so top_db matters: float32 in [-1, 1]."""
+    gen = torch.Generator().manual_seed(s.seed)
+    x = torch.randn(s.batch_size, s.clip_samples, generator=gen)
+    levels = 10 ** (-3 * torch.rand(s.batch_size, 1, generator=gen))  # 0 to -60 dB
+    return (0.1 * levels * x).clamp_(-1, 1)
+
+
+def bench_logmel(s: BenchSettings) -> list[BenchRow]:
+    """LogMel on one batch: librosa clip by clip (reference), torchaudio batched, audioclf."""
+    import librosa
+    import torchaudio
+
+    x = _test_batch(s)
+    xs = x.numpy()
+    kw = dict(n_fft=s.n_fft, hop_length=s.hop_length, n_mels=s.n_mels)
+    ref = np.empty(0)
+
+    def run_librosa():
+        nonlocal ref
+        ref = np.stack([librosa.power_to_db(librosa.feature.melspectrogram(
+            y=clip, sr=s.sample_rate, pad_mode="constant", **kw), ref=1.0, top_db=80.0) for clip in xs])
+
+    mel = torchaudio.transforms.MelSpectrogram(s.sample_rate, norm="slaney", mel_scale="slaney",
+                                               pad_mode="constant", **kw)
+    to_db = torchaudio.transforms.AmplitudeToDB("power", top_db=80.0)
+    logmel = LogMel(s.sample_rate, **kw)
+    t_ref = _median_time(run_librosa, s.repeats)
+    rows = [BenchRow("logmel", "librosa, clip by clip (reference)", t_ref, s.batch_size)]
+
+    def add(method: str, fn: Callable[[], torch.Tensor], sync=lambda: None, note: str = "") -> None:
+        with torch.inference_mode():
+            t = _median_time(fn, s.repeats, sync)
+            diff = float(np.abs(fn()[:, 0].float().cpu().numpy() - ref).max())
+        rows.append(BenchRow("logmel", method, t, s.batch_size, ratio=t_ref / t, max_abs_diff=diff,
+                             note=note))
+
+    threads = f"{torch.get_num_threads()} torch threads"
+    add("torchaudio MelSpectrogram + AmplitudeToDB, batched", lambda: to_db(mel(x[:, None])), note=threads)
+    add("audioclf LogMel, CPU", lambda: logmel(x), note=threads)
+    if s.use_cuda():
+        gpu, xg = logmel.to("cuda"), x.to("cuda")
+        add("audioclf LogMel, CUDA", lambda: gpu(xg), torch.cuda.synchronize,
+            note=torch.cuda.get_device_name())
+    return rows
+
+
+STAGES: dict[str, Callable[[BenchSettings], list[BenchRow]]] = {
+    "logmel": bench_logmel,
+}
+
+
+def run_benchmarks(stages: list[str] | None = None, settings: BenchSettings | None = None) -> list[BenchRow]:
+    """Run the named stages (default: all) and return their rows, stage by stage.
+
+    Raises:
+        ConfigError: an unknown stage name (the message lists the known ones).
+    """
+    settings = settings or BenchSettings()
+    stages = list(STAGES) if stages is None else stages
+    for name in stages:
+        if name not in STAGES:
+            raise ConfigError(f"unknown bench stage {name!r}; known stages: {', '.join(STAGES)}")
+    rows = []
+    for name in stages:
+        log.debug("bench stage %s with %s", name, settings)
+        rows += STAGES[name](settings)
+    return rows
+
+
+def format_table(rows: list[BenchRow]) -> str:
+    """A plain-text table, one line per row: stage, method, throughput, ratio, difference."""
+    header = ("stage", "method", "throughput", "x ref", "max |diff|", "note")
+    lines = [header] + [
+        (r.stage, r.method, f"{r.throughput:,.1f} {r.unit}", f"{r.ratio:.2f}",
+         "-" if r.max_abs_diff is None else f"{r.max_abs_diff:.2g}", r.note)
+        for r in rows
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)

@@ -1,0 +1,78 @@
+"""The benchmark runs on tiny sizes and returns sane rows; the fast LogMel equals the reference."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+
+import pytest
+import torch
+
+from audioclf.bench import STAGES, BenchRow, BenchSettings, format_table, run_benchmarks
+from audioclf.commands import bench as bench_command
+from audioclf.errors import ConfigError
+from audioclf.features import LogMel
+
+TINY = BenchSettings(batch_size=3, seconds=0.25, sample_rate=8000, n_fft=256, hop_length=80,
+                     n_mels=32, repeats=1, device="cpu")
+
+
+def test_logmel_rows_are_sane():
+    rows = run_benchmarks(["logmel"], TINY)
+    assert [r.stage for r in rows] == ["logmel"] * 3
+    ref, *others = rows
+    assert "librosa" in ref.method and ref.ratio == 1.0 and ref.max_abs_diff is None
+    for r in others:
+        assert r.items == 3 and r.seconds > 0 and math.isfinite(r.throughput)
+        assert r.ratio == pytest.approx(ref.seconds / r.seconds)
+        assert r.max_abs_diff < 0.05  # dB: every method computes the same features
+    assert any("torchaudio" in r.method for r in others)
+    assert any("audioclf" in r.method for r in others)
+
+
+def test_table_has_one_line_per_row_and_every_method():
+    rows = [BenchRow("logmel", "reference", 2.0, 10), BenchRow("logmel", "fast", 0.5, 10, ratio=4.0,
+                                                              max_abs_diff=1e-4)]
+    table = format_table(rows).splitlines()
+    assert len(table) == 3
+    assert "5.0 clips/s" in table[1] and "20.0 clips/s" in table[2] and "4.00" in table[2]
+
+
+def test_unknown_stage_and_bad_settings_are_config_errors():
+    with pytest.raises(ConfigError, match="unknown bench stage 'gpu'.*logmel"):
+        run_benchmarks(["gpu"], TINY)
+    with pytest.raises(ConfigError, match=r"batch_size must be >= 1 \(0 given\)"):
+        BenchSettings(batch_size=0)
+    with pytest.raises(ConfigError, match="shorter than n_fft"):
+        BenchSettings(seconds=0.01, sample_rate=8000)
+    assert set(STAGES) >= {"logmel"}
+
+
+def test_bench_command_prints_the_table_and_writes_json(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    bench_command.add_arguments(parser)
+    out = tmp_path / "bench.json"
+    args = parser.parse_args(["--batch-size", "2", "--seconds", "0.2", "--sample-rate", "8000",
+                              "--repeats", "1", "--device", "cpu", "--json", str(out)])
+    assert bench_command.run(args) == 0
+    printed = capsys.readouterr().out
+    assert "librosa" in printed and "audioclf LogMel, CPU" in printed
+    saved = json.loads(out.read_text())
+    assert saved["settings"]["batch_size"] == 2 and len(saved["rows"]) == 3
+
+
+@pytest.mark.parametrize("power", [1.0, 2.0])
+def test_fast_logmel_equals_plain_torchaudio(power):
+    # The reference computation: torchaudio's dense STFT -> |X|^power -> dense mel -> dB.
+    import torchaudio
+
+    torch.manual_seed(0)
+    sr = 16000
+    x = torch.randn(5, sr) * torch.logspace(-3, 0, 5)[:, None]  # levels 60 dB apart
+    logmel = LogMel(sr, n_fft=512, hop_length=160, n_mels=64, power=power, top_db=80.0)
+    mel = torchaudio.transforms.MelSpectrogram(sr, n_fft=512, hop_length=160, n_mels=64, power=power,
+                                               norm="slaney", mel_scale="slaney", pad_mode="constant")
+    # AmplitudeToDB("power") takes 10 log10 whatever the exponent, like LogMel and power_to_db.
+    reference = torchaudio.transforms.AmplitudeToDB("power", top_db=80.0)(mel(x[:, None]))
+    torch.testing.assert_close(logmel(x), reference, atol=2e-3, rtol=0)
