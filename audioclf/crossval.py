@@ -183,6 +183,18 @@ class CVResult:
         return summary_text(self.report)
 
 
+RUNTIME_ONLY = ("device", "num_workers")
+"""TrainConfig fields that do not change the model: fold jobs may differ in them."""
+
+
+def _model_config(cfg: RunConfig) -> dict:
+    """``cfg.to_dict()`` without :data:`RUNTIME_ONLY`: what fold jobs must agree on."""
+    data = cfg.to_dict()
+    for name in RUNTIME_ONLY:
+        data["train"].pop(name)
+    return data
+
+
 def _hash_array(a: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()[:16]
 
@@ -220,7 +232,7 @@ def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | Non
         raise ConfigError(f"--folds {bad} outside [0, {n_folds}) for this {n_folds}-fold manifest")
     if _is_main_process():
         write_run_inputs(out_dir, manifest, test_manifest, fold_ids)
-    identity = {"config": cfg.to_dict(), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
+    identity = {"config": _model_config(cfg), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
                 "folds": _hash_array(fold_ids), "n_folds": n_folds,
                 "test_manifest": test_manifest.content_hash() if test_manifest is not None else None}
     for fold in chosen:
@@ -259,7 +271,7 @@ def train_holdout(manifest, cfg: RunConfig, out_dir, split_column: str = "split"
     plan = FoldPlan(0, parts["train"], parts["validation"], parts["test"])
     if _is_main_process():
         write_run_inputs(out_dir, manifest, None, fold_ids)
-    identity = {"config": cfg.to_dict(), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
+    identity = {"config": _model_config(cfg), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
                 "folds": _hash_array(fold_ids), "n_folds": 1, "test_manifest": None}
     _run_fold(manifest, cfg, Path(out_dir), plan, identity, None, cache_dir, resume, overwrite)
     if not _is_main_process():

@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -102,3 +104,143 @@ def test_split_holdout_groups_sets_whole_groups_aside():
     rest, held = split_holdout_groups(m, 1, seed=0)
     assert len(rest) + len(held) == len(m)
     assert len(set(held.groups())) == 1 and not set(held.groups()) & set(rest.groups())
+
+
+# ---------------------------------------------------------------- with training (tiny)
+
+import csv as _csv  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from synth import write_tone_dataset  # noqa: E402
+
+TINY = {"audio": {"sample_rate": 8000, "clip_seconds": 0.5},
+        "features": {"n_fft": 256, "hop_length": 80, "n_mels": 32},
+        "augment": {"mixup_alpha": 0.0},
+        "model": {"backbone": "test_resnet", "drop_rate": 0.0},
+        "train": {"epochs": 1, "batch_size": 8, "swa_start": None, "warmup_epochs": 0, "device": "cpu",
+                  "amp": False, "channels_last": False},
+        "cv": {"k": 3, "tta_shifts": 3, "tta_max_shift": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def tone_run(tmp_path_factory):
+    """One in-process cross_validate on three tones, with every fit() call's datasets recorded."""
+    import audioclf.train
+    from audioclf.crossval import cross_validate
+    from audioclf.manifest import read_manifest
+
+    root = tmp_path_factory.mktemp("tones")
+    manifest = read_manifest(write_tone_dataset(root / "data", n_per_class=6, n_groups=3))
+    calls = []
+    real_fit = audioclf.train.fit
+
+    def spy(model, train_set, val_set, *args, **kwargs):
+        calls.append((np.array(train_set.indices), np.array(val_set.indices)))
+        return real_fit(model, train_set, val_set, *args, **kwargs)
+
+    audioclf.train.fit = spy
+    try:
+        result = cross_validate(manifest, RunConfig.from_dict(TINY), root / "run")
+    finally:
+        audioclf.train.fit = real_fit
+    return manifest, result, calls
+
+
+def _fold_column(run_dir: Path) -> np.ndarray:
+    with open(run_dir / "folds.csv") as f:
+        return np.array([int(r["fold"]) for r in _csv.DictReader(f)])
+
+
+def test_no_held_out_clip_is_used_for_fitting_or_selection(tone_run):
+    manifest, result, calls = tone_run
+    fold_ids = _fold_column(result.out_dir)
+    assert len(calls) == 3
+    groups = np.array(manifest.groups())
+    for fold, (fit_idx, val_idx) in enumerate(calls):
+        heldout = set(np.flatnonzero(fold_ids == fold))
+        assert not heldout & set(fit_idx), "a held-out clip was trained on"
+        assert not heldout & set(val_idx), "a held-out clip was used for selection"
+        assert not set(fit_idx) & set(val_idx)
+        assert not set(groups[fit_idx]) & set(groups[val_idx])  # the inner split is grouped too
+    with np.load(result.out_dir / "fold-0" / "predictions.npz") as p:
+        np.testing.assert_array_equal(p["heldout_idx"], np.flatnonzero(fold_ids == 0))
+        assert p["heldout"].shape == (3, len(p["heldout_idx"]), 3)  # (views, clips, classes)
+
+
+def test_cv_report_and_oof_cover_every_clip(tone_run):
+    manifest, result, _ = tone_run
+    report = result.report
+    assert report["n_clips"] == len(manifest) and report["n_folds"] == 3
+    for variant in ("single", "tta-arithmetic", "tta-geometric"):
+        s = report["oof"][variant]
+        assert len(s["per_fold"]) == 3
+        assert s["mean"]["accuracy"] == pytest.approx(np.mean([f["accuracy"] for f in s["per_fold"]]))
+    with open(result.bundle_dir / "oof.csv") as f:
+        rows = list(_csv.DictReader(f))
+    assert sorted(r["path"] for r in rows) == sorted(r.path for r in manifest.records)
+    assert "3 clips" not in result.summary() and "accuracy" in result.summary()
+
+
+def test_bundle_predicts_and_evaluates(tone_run, tmp_path):
+    from audioclf.predict import Predictor
+    from audioclf.report import evaluate_bundle
+
+    manifest, result, _ = tone_run
+    p = Predictor.from_bundle(result.out_dir, device="cpu")  # the run folder resolves to bundle/
+    assert len(p.models) == 3 and p.labels == manifest.labels.names
+    [r] = p.predict([manifest.abspath(0)])
+    assert r.error is None and r.probs.sum() == pytest.approx(1.0)
+    report = evaluate_bundle(result.bundle_dir, manifest, tmp_path / "eval", device="cpu")
+    assert np.array(report["confusion_matrix"]).sum() == len(manifest)
+    assert (tmp_path / "eval" / "report.md").is_file() and (tmp_path / "eval" / "confusion.png").is_file()
+
+
+def _layout(folder: Path) -> list[str]:
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file() and not p.name.startswith("."))
+
+
+def test_fold_fan_out_in_two_processes_then_merge_matches_one_run(tone_run, tmp_path):
+    import tomllib  # noqa: F401  (stdlib; the config below is written by hand)
+
+    manifest, result, _ = tone_run
+    config = tmp_path / "tiny.toml"
+    config.write_text("\n".join(
+        f"[{section}]\n" + "\n".join(f"{k} = {_toml(v)}" for k, v in values.items() if v is not None)
+        for section, values in TINY.items()) + "\n")
+    out = tmp_path / "run"
+    base = [sys.executable, "-m", "audioclf", "cv", "--manifest", str(result.out_dir.parent / "data" / "manifest.csv"),
+            "--out", str(out), "--config", str(config), "--no-swa"]
+    jobs = [subprocess.Popen(base + ["--folds", folds], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=os.environ.copy()) for folds in ("0", "1,2")]
+    for job in jobs:
+        _, err = job.communicate(timeout=300)
+        assert job.returncode == 0, err
+    assert not (out / "bundle" / "config.json").exists()  # fold jobs never merge
+    merged = subprocess.run([sys.executable, "-m", "audioclf", "cv-merge", str(out)], capture_output=True,
+                            text=True, timeout=120)
+    assert merged.returncode == 0, merged.stderr
+    assert _layout(out) == _layout(result.out_dir)
+    one = json.loads((result.bundle_dir / "config.json").read_text())
+    fanned = json.loads((out / "bundle" / "config.json").read_text())
+    assert fanned["run_config"] == one["run_config"] and fanned["folds"] == one["folds"]
+
+
+def _toml(v):
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return f'"{v}"'
+    return repr(v)
+
+
+def test_cv_refuses_to_mix_configurations_in_one_folder(tone_run):
+    from audioclf.crossval import cross_validate
+    from audioclf.errors import ConfigError
+
+    manifest, result, _ = tone_run
+    other = RunConfig.from_dict(TINY).replace(train={"lr": 0.5})
+    with pytest.raises(ConfigError, match=r"fold 0 was trained with a different config\.train\.lr"):
+        cross_validate(manifest, other, result.out_dir, folds=[0])
