@@ -139,3 +139,16 @@ def test_incomplete_bundles_name_what_is_missing(tmp_path):
         del data["labels"]
         (cfg / "config.json").write_text(json.dumps(data))
         read_bundle(cfg)
+
+
+def test_command_modules_import_only_the_standard_library():
+    import subprocess
+    import sys
+
+    code = ("import sys, argparse\n"
+            "for name in ('cv', 'cv_merge', 'evaluate', 'predict'):\n"
+            "    m = __import__('audioclf.commands.' + name, fromlist=['run'])\n"
+            "    m.add_arguments(argparse.ArgumentParser())\n"
+            "print(sorted({k.split('.')[0] for k in sys.modules} & {'torch', 'timm', 'numpy', 'soundfile'}))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"

@@ -67,7 +67,7 @@ def _write_text(results) -> None:
         print(f"{r.source}{extra}: {top}")
         for w in r.windows:
             best = max(range(len(w.probs)), key=lambda i: w.probs[i])
-            print(f"  {w.start:8.2f}-{w.end:8.2f} s  {r.labels[best]} ({w.probs[best]:.3f})")
+            print(f"  {w.start:.2f}-{w.end:.2f} s: {r.labels[best]} ({w.probs[best]:.3f})")
 
 
 def _write_csv(results, top_k: int) -> None:

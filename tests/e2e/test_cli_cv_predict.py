@@ -23,7 +23,9 @@ def fsdd_bundle(fsdd_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("e2e")
     manifest = write_fsdd_slice(fsdd_dir, tmp / "slice.csv", speakers=["george", "jackson", "lucas"], takes=range(2))
     out = tmp / "run"
-    done = audioclf("cv", "--manifest", manifest, "--data-root", fsdd_dir, "--out", out, "--k", 3,
+    config = tmp / "quick.toml"
+    config.write_text("[train]\nwarmup_epochs = 0\n")  # 1 epoch: no warm-up (no CLI flag for it)
+    done = audioclf("cv", "--manifest", manifest, "--data-root", fsdd_dir, "--out", out, "--k", 3, "--config", config,
                     "--backbone", "test_resnet", "--epochs", 1, "--batch-size", 16, "--sample-rate", 8000,
                     "--clip-seconds", 0.8, "--n-fft", 256, "--hop-length", 80, "--n-mels", 32, "--no-swa",
                     "--mixup-alpha", 0, "--device", "cpu", "--tta-shifts", 3)
