@@ -7,7 +7,8 @@ zero padding when ``center``), up to float32 rounding; the tests state the toler
 On CPU the batch is processed a few clips at a time so the spectra stay in cache, the
 power comes from the real and imaginary parts without a complex ``abs``, and the mel
 projection only touches the non-zero band of each filter (a dense mel matrix is ~99%
-zeros). On CUDA the whole batch goes through at once.
+zeros). On CUDA (and whenever gradients to the waveform are needed) the whole batch goes
+through at once with a dense projection; both paths give the same values.
 """
 
 from __future__ import annotations
@@ -222,9 +223,10 @@ class LogMel(nn.Module):
 
     def log_mel(self, waveforms: Tensor) -> Tensor:
         """Un-normalized log-mel in dB: (B, N) float32 -> (B, n_mels, T) float32 (no checks)."""
-        if waveforms.device.type == "cpu":  # dB per chunk, while the chunk is in cache
-            return self._mel_banded(waveforms, finish=self._to_db_)
-        return self._to_db_(self._mel_dense(waveforms))
+        differentiable = waveforms.requires_grad and torch.is_grad_enabled()
+        if waveforms.device.type == "cpu" and not differentiable:  # in place, chunk by chunk
+            return self._mel_banded(waveforms, finish=lambda mel: self._to_db(mel, inplace=True))
+        return self._to_db(self._mel_dense(waveforms))
 
     def _mel_dense(self, x: Tensor) -> Tensor:
         """(B, N) -> (B, n_mels, T) mel energies: the whole batch at once (for accelerators)."""
@@ -246,7 +248,7 @@ class LogMel(nn.Module):
     def _mel_banded(self, x: Tensor, finish: Callable[[Tensor], Tensor] | None = None) -> Tensor:
         """(B, N) -> (B, n_mels, T) mel energies, a few clips at a time so they stay in cache.
 
-        ``finish`` (e.g. :meth:`_to_db_`) is applied to each chunk's (b, T, n_mels) energies.
+        ``finish`` (e.g. :meth:`_to_db`) is applied to each chunk's (b, T, n_mels) energies.
         """
         # For power 2 the mel weights are repeated for the real and imaginary halves, so
         # squaring the interleaved spectrum in place and one projection also do the sum.
@@ -275,12 +277,15 @@ class LogMel(nn.Module):
         return [(k * lo, k * hi, m0, m1, fb[k * lo:k * hi, m0:m1].contiguous())
                 for lo, hi, m0, m1 in self._bands]
 
-    def _to_db_(self, mel: Tensor) -> Tensor:
-        """In place: (B, n_mels, T) or (B, T, n_mels) energies -> dB, floored at each clip's peak - top_db."""
-        db = mel.clamp_(min=self.amin).log10_().mul_(10.0)
+    def _to_db(self, mel: Tensor, inplace: bool = False) -> Tensor:
+        """(B, n_mels, T) or (B, T, n_mels) energies -> dB, floored at each clip's peak - top_db."""
+        if inplace:
+            db = mel.clamp_(min=self.amin).log10_().mul_(10.0)
+        else:
+            db = 10.0 * torch.clamp(mel, min=self.amin).log10()
         if self.top_db is not None:
             peak = db.amax(dim=(1, 2), keepdim=True)  # per clip, not per batch
-            db = torch.maximum(db, peak - self.top_db, out=db)
+            db = torch.maximum(db, peak - self.top_db, out=db if inplace else None)
         return db
 
     def _normalize(self, db: Tensor) -> Tensor:

@@ -242,3 +242,12 @@ def test_cpu_banded_projection_equals_the_dense_path(power):
     banded, dense = logmel._mel_banded(x), logmel._mel_dense(x)
     assert banded.shape == dense.shape == (4, 64, logmel.num_frames(SR))
     torch.testing.assert_close(banded, dense, rtol=1e-4, atol=1e-6 * float(dense.max()))
+
+
+def test_gradients_flow_to_the_waveform():
+    x = _signals()[:2].requires_grad_()
+    out = LogMel(SR, n_mels=32, top_db=None)(x)
+    out.sum().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with torch.no_grad():  # the fast in-place path gives the same values
+        torch.testing.assert_close(LogMel(SR, n_mels=32, top_db=None)(x), out, atol=1e-4, rtol=0)
