@@ -194,8 +194,8 @@ class MixUp:
 
     def apply(self, x: Tensor, params: MixParams) -> Tensor:
         """Mix inputs: (B, ...) -> (B, ...), same dtype."""
-        lam = params.lam.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
-        return lam * x + (1 - lam) * x[params.index]
+        lam = params.lam.to(x.device, x.dtype).view(-1, *([1] * (x.ndim - 1)))  # (B,) -> (B, 1, ..., 1)
+        return lam * x + (1 - lam) * x[params.index.to(x.device)]
 
     def mix_targets(self, y: Tensor, params: MixParams, num_classes: int | None = None) -> Tensor:
         """Mix targets into soft targets (B, K) float32.
@@ -236,6 +236,9 @@ def time_shift(x: Tensor, shift: int | Tensor, mode: str = "circular") -> Tensor
         (B, ..., L), same dtype and device.
     """
     _require(mode in ("circular", "pad"), "mode", mode, "'circular' or 'pad'")
+    if x.ndim < 2:
+        raise ValueError(f"time_shift expects (B, ..., L), got shape {tuple(x.shape)}; "
+                         "use x.unsqueeze(0) for one clip")
     length = x.shape[-1]
     if not isinstance(shift, Tensor):
         if mode == "circular":
@@ -278,6 +281,11 @@ class TimeShift(nn.Module):
                      "a number of samples (int >= 0) or a fraction in [0, 1] (float)")
         _require(mode in ("circular", "pad"), "mode", mode, "'circular' or 'pad'")
         self.max_shift, self.mode, self.generator = max_shift, mode, generator
+
+    @classmethod
+    def from_config(cls, cfg: AugmentConfig, generator: torch.Generator | None = None) -> "TimeShift":
+        """A circular shift of up to ``cfg.time_shift`` of the clip (a fraction)."""
+        return cls(float(cfg.time_shift), "circular", generator)
 
     def extra_repr(self) -> str:
         return f"max_shift={self.max_shift}, mode={self.mode!r}"

@@ -207,6 +207,13 @@ def test_time_shift_module_seed_and_eval():
     assert ((padded == 0).sum(1) <= 10).all() and bool((padded == 0).any())
 
 
+def test_time_shift_from_config_and_rank_check():
+    shifter = TimeShift.from_config(AugmentConfig(time_shift=0.2))
+    assert (shifter.max_shift, shifter.mode, shifter.max_samples(1000)) == (0.2, "circular", 200)
+    with pytest.raises(ValueError, match=r"\(B, \.\.\., L\).*\(4,\)"):
+        time_shift(torch.zeros(4), 1)
+
+
 def test_tta_shifts_are_deterministic_and_bounded():
     assert tta_shifts(1, 1000, 0.3) == [0]
     assert tta_shifts(5, 1000, 0.2) == [0, 100, -100, 200, -200]
