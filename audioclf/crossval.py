@@ -230,6 +230,11 @@ def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | Non
     bad = [f for f in chosen if not 0 <= f < n_folds]
     if bad:
         raise ConfigError(f"--folds {bad} outside [0, {n_folds}) for this {n_folds}-fold manifest")
+    if test_manifest is not None:
+        unknown = sorted({r.label for r in test_manifest.records} - set(manifest.labels.names))
+        if unknown:
+            raise ManifestError(f"the test manifest has labels the cross-validation manifest lacks: "
+                                f"{', '.join(unknown)}")
     if _is_main_process():
         write_run_inputs(out_dir, manifest, test_manifest, fold_ids)
     identity = {"config": _model_config(cfg), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
@@ -328,7 +333,7 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
               "heldout": score(dataset(plan.heldout, False)), "val": score(dataset(plan.val, False))}
     if test_manifest is not None:
         test_cache = WaveformCache(test_manifest, cfg.audio.sample_rate, cache_dir).build()
-        test_targets = test_manifest.labels.encode(r.label for r in test_manifest.records)
+        test_targets = manifest.labels.encode(r.label for r in test_manifest.records)  # the training label map
         arrays["test"] = score(ClipDataset(test_cache, np.arange(len(test_manifest)), test_targets, clip,
                                            train=False, pad_mode=cfg.audio.pad_mode))
     with atomic_open(fold_dir / "predictions.npz", "wb") as f:

@@ -6,7 +6,8 @@ import pytest
 from audioclf.config import RunConfig
 from audioclf.crossval import assign_folds, inner_split, plan_folds, split_holdout_groups
 from audioclf.errors import ManifestError
-from audioclf.manifest import Manifest, Record
+from audioclf.bundle import merge_folds
+from audioclf.manifest import Manifest, Record, write_manifest
 
 
 def make_manifest(n_per_label=12, labels=("a", "b", "c"), n_groups=None, folds=None):
@@ -133,7 +134,10 @@ def tone_run(tmp_path_factory):
     from audioclf.manifest import read_manifest
 
     root = tmp_path_factory.mktemp("tones")
-    manifest = read_manifest(write_tone_dataset(root / "data", n_per_class=8, n_groups=4))
+    full = read_manifest(write_tone_dataset(root / "data", n_per_class=10, n_groups=5))
+    manifest, holdout = split_holdout_groups(full, 1, seed=0)  # 4 groups for 2 folds, 1 for the ensemble
+    write_manifest(manifest, root / "data" / "cv.csv")
+    write_manifest(holdout, root / "data" / "test.csv")
     calls = []
     real_fit = audioclf.train.fit
 
@@ -143,10 +147,10 @@ def tone_run(tmp_path_factory):
 
     audioclf.train.fit = spy
     try:
-        result = cross_validate(manifest, RunConfig.from_dict(TINY), root / "run")
+        result = cross_validate(manifest, RunConfig.from_dict(TINY), root / "run", test_manifest=holdout)
     finally:
         audioclf.train.fit = real_fit
-    return manifest, result, calls
+    return manifest, result, calls, holdout
 
 
 def _fold_column(run_dir: Path) -> np.ndarray:
@@ -155,7 +159,7 @@ def _fold_column(run_dir: Path) -> np.ndarray:
 
 
 def test_no_held_out_clip_is_used_for_fitting_or_selection(tone_run):
-    manifest, result, calls = tone_run
+    manifest, result, calls, _ = tone_run
     fold_ids = _fold_column(result.out_dir)
     assert len(calls) == 2
     groups = np.array(manifest.groups())
@@ -171,7 +175,7 @@ def test_no_held_out_clip_is_used_for_fitting_or_selection(tone_run):
 
 
 def test_cv_report_and_oof_cover_every_clip(tone_run):
-    manifest, result, _ = tone_run
+    manifest, result, *_ = tone_run
     report = result.report
     assert report["n_clips"] == len(manifest) and report["n_folds"] == 2
     for variant in ("single", "tta-arithmetic", "tta-geometric"):
@@ -181,6 +185,9 @@ def test_cv_report_and_oof_cover_every_clip(tone_run):
     with open(result.bundle_dir / "oof.csv") as f:
         rows = list(_csv.DictReader(f))
     assert sorted(r["path"] for r in rows) == sorted(r.path for r in manifest.records)
+    test = report["ensemble_test"]  # the fold ensemble, scored only on the held-out group
+    assert test["n_clips"] == len(tone_run[3]) and test["n_models"] == 2
+    assert set(test["scores"]) == {"arithmetic", "geometric", "tta-arithmetic", "tta-geometric"}
     assert "out-of-fold" in result.summary() and report["selection"]["rule"] in result.summary()
 
 
@@ -188,7 +195,7 @@ def test_bundle_predicts_and_evaluates(tone_run, tmp_path):
     from audioclf.predict import Predictor
     from audioclf.report import evaluate_bundle
 
-    manifest, result, _ = tone_run
+    manifest, result, *_ = tone_run
     p = Predictor.from_bundle(result.out_dir, device="cpu")  # the run folder resolves to bundle/
     assert len(p.models) == 2 and p.labels == manifest.labels.names
     [r] = p.predict([manifest.abspath(0)])
@@ -203,23 +210,22 @@ def _layout(folder: Path) -> list[str]:
 
 
 def test_fold_fan_out_in_two_processes_then_merge_matches_one_run(tone_run, tmp_path):
-    manifest, result, _ = tone_run
+    manifest, result, *_ = tone_run
     config = tmp_path / "tiny.toml"
     config.write_text("\n".join(
         f"[{section}]\n" + "\n".join(f"{k} = {_toml(v)}" for k, v in values.items() if v is not None)
         for section, values in TINY.items()) + "\n")
     out = tmp_path / "run"
-    base = [sys.executable, "-m", "audioclf", "cv", "--manifest", str(result.out_dir.parent / "data" / "manifest.csv"),
-            "--out", str(out), "--config", str(config), "--no-swa"]
+    data = result.out_dir.parent / "data"
+    base = [sys.executable, "-m", "audioclf", "cv", "--manifest", str(data / "cv.csv"), "--data-root", str(data),
+            "--test-manifest", str(data / "test.csv"), "--out", str(out), "--config", str(config), "--no-swa"]
     jobs = [subprocess.Popen(base + ["--folds", folds], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                              env=os.environ.copy()) for folds in ("0", "1")]
     for job in jobs:
         _, err = job.communicate(timeout=300)
         assert job.returncode == 0, err
     assert not (out / "bundle" / "config.json").exists()  # fold jobs never merge
-    merged = subprocess.run([sys.executable, "-m", "audioclf", "cv-merge", str(out)], capture_output=True,
-                            text=True, timeout=120)
-    assert merged.returncode == 0, merged.stderr
+    merge_folds(out)  # what `audioclf cv-merge` runs (in-process: saves a start-up)
     assert _layout(out) == _layout(result.out_dir)
     one = json.loads((result.bundle_dir / "config.json").read_text())
     fanned = json.loads((out / "bundle" / "config.json").read_text())
@@ -238,7 +244,38 @@ def test_cv_refuses_to_mix_configurations_in_one_folder(tone_run):
     from audioclf.crossval import cross_validate
     from audioclf.errors import ConfigError
 
-    manifest, result, _ = tone_run
+    manifest, result, *_ = tone_run
     other = RunConfig.from_dict(TINY).replace(train={"lr": 0.5})
     with pytest.raises(ConfigError, match=r"fold 0 was trained with a different config\.train\.lr"):
         cross_validate(manifest, other, result.out_dir, folds=[0])
+
+
+def test_train_holdout_uses_the_official_split(tone_run):
+    import dataclasses
+
+    import audioclf.train
+    from audioclf.crossval import train_holdout
+
+    manifest, result, *_ = tone_run
+    split = {"g0": "train", "g1": "train", "g2": "validation", "g3": "test"}
+    records = [dataclasses.replace(r, extra={"split": split[r.group]}) for r in manifest.records]
+    official = Manifest(records, manifest.root)
+    seen = []
+    real_fit = audioclf.train.fit
+    audioclf.train.fit = lambda m, tr, va, *a, **k: seen.append((tr.indices, va.indices)) or real_fit(m, tr, va, *a, **k)
+    try:
+        out = train_holdout(official, RunConfig.from_dict(TINY), result.out_dir.parent / "holdout")
+    finally:
+        audioclf.train.fit = real_fit
+    [(fit_idx, val_idx)] = seen
+    kinds = np.array([r.extra["split"] for r in records])
+    assert set(kinds[fit_idx]) == {"train"} and set(kinds[val_idx]) == {"validation"}
+    assert out.report["protocol"] == "holdout" and out.report["n_clips"] == int((kinds == "test").sum())
+    assert json.loads((out.bundle_dir / "config.json").read_text())["folds"] == ["fold-0.safetensors"]
+
+
+def test_train_holdout_names_a_missing_split():
+    from audioclf.crossval import train_holdout
+
+    with pytest.raises(ManifestError, match="no rows in split"):
+        train_holdout(make_manifest(), RunConfig(), "/nonexistent")

@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     cv.add_argument("--k", type=int, default=None, help="number of folds (default 5; ignored for official folds)")
     cv.add_argument("--folds", default=None, metavar="LIST",
                     help="train only these folds, 0-based and comma-separated (e.g. 2,4), and do not merge")
+    cv.add_argument("--test-manifest", default=None, metavar="CSV",
+                    help="clips never trained on nor used for selection (paths relative to --data-root): "
+                         "the fold ensemble is scored on them")
     cv.add_argument("--tta-shifts", type=int, default=None, help="time-shift views per clip at test time (1: no TTA)")
     cv.add_argument("--tta-max-shift", type=float, default=None, help="largest TTA shift, fraction of the clip")
     cv.add_argument("--tta-mode", default=None, help="circular | pad")
@@ -58,8 +61,10 @@ def run(args: argparse.Namespace) -> int:
         cfg = cfg.replace(cv=cv)
     folds = parse_folds(args.folds)
     manifest = read_manifest(args.manifest, root=args.data_root)
-    result = cross_validate(manifest, cfg, args.out, folds=folds, cache_dir=args.cache_dir, resume=args.resume,
-                            overwrite=args.overwrite, command=" ".join(["audioclf", *sys.argv[1:]]))
+    test = read_manifest(args.test_manifest, root=args.data_root) if args.test_manifest else None
+    result = cross_validate(manifest, cfg, args.out, folds=folds, test_manifest=test, cache_dir=args.cache_dir,
+                            resume=args.resume, overwrite=args.overwrite,
+                            command=" ".join(["audioclf", *sys.argv[1:]]))
     print(result.summary())
     if result.report is not None:
         print(f"bundle: {result.bundle_dir}")

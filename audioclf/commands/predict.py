@@ -34,14 +34,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from audioclf.bundle import read_bundle
     from audioclf.errors import ConfigError
-    from audioclf.predict import Predictor
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1 ({args.top_k} given)")
     for flag, value in (("--window", args.window), ("--hop", args.hop)):
         if value is not None and value <= 0:
             raise ConfigError(f"{flag} must be a positive number of seconds ({value} given)")
+    read_bundle(args.bundle)  # a broken bundle is named before torch is even imported
+    from audioclf.predict import Predictor
+
     predictor = Predictor.from_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
     results = predictor.predict(args.files, top_k=args.top_k, window=args.window, hop=args.hop,
                                 aggregate=args.aggregate)

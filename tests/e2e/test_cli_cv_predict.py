@@ -19,9 +19,9 @@ def audioclf(*args, timeout=300):
 
 @pytest.fixture(scope="module")
 def fsdd_bundle(fsdd_dir, tmp_path_factory):
-    """A 3-fold speaker-grouped CV of 60 clips (3 speakers x 10 digits x 2 takes), 1 epoch."""
+    """A 3-fold speaker-grouped CV of 30 clips (3 speakers x 10 digits x 1 take), 1 epoch."""
     tmp = tmp_path_factory.mktemp("e2e")
-    manifest = write_fsdd_slice(fsdd_dir, tmp / "slice.csv", speakers=["george", "jackson", "lucas"], takes=range(2))
+    manifest = write_fsdd_slice(fsdd_dir, tmp / "slice.csv", speakers=["george", "jackson", "lucas"], takes=range(1))
     out = tmp / "run"
     config = tmp / "quick.toml"
     config.write_text("[train]\nwarmup_epochs = 0\n")  # 1 epoch: no warm-up (no CLI flag for it)
@@ -45,7 +45,7 @@ def test_cv_writes_a_complete_bundle(fsdd_bundle):
     assert config["labels"] == [str(d) for d in range(10)]
     assert config["ensemble"]["rule"] in ("arithmetic", "geometric")
     report = json.loads((bundle / "report.json").read_text())
-    assert report["n_clips"] == 60 and len(report["folds"]) == 3
+    assert report["n_clips"] == 30 and len(report["folds"]) == 3
 
 
 def test_predict_json_gives_normalised_probabilities(fsdd_bundle, fsdd_dir, tmp_path):
