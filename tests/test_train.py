@@ -1,0 +1,258 @@
+"""fit(): learning, train/eval discipline, LR schedules, best checkpoint, SWA, resume, bad input."""
+
+import math
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from audioclf._state import load_state
+from audioclf.checkpoint import load_checkpoint
+from audioclf.config import AudioConfig, AugmentConfig, FeatureConfig, ModelConfig, RunConfig, TrainConfig
+from audioclf.distributed import DistInfo
+from audioclf.errors import ConfigError
+from audioclf.model import build_model
+from audioclf.optim import LRSchedule, warmup_cosine
+from audioclf.train import _make_env, fit, predict_proba
+
+sys.path.insert(0, str(Path(__file__).parent))
+from synth import tone  # noqa: E402
+
+SR = 8000
+LABELS = ["low", "mid", "high"]
+FREQS = (300.0, 1200.0, 3000.0)
+
+
+class Tones(Dataset):
+    """In-memory (waveform (2000,), label) pairs: three pitches, a few clips each."""
+
+    def __init__(self, per_class: int, seed: int, shuffle_labels: bool = False):
+        self.items = [(torch.from_numpy(tone(f, 0.25, SR, seed=seed * 1000 + 100 * c + i)), c)
+                      for c, f in enumerate(FREQS) for i in range(per_class)]
+        if shuffle_labels:  # an unlearnable validation set: its accuracy only wanders
+            labels = np.random.default_rng(seed).permutation([y for _, y in self.items])
+            self.items = [(x, int(y)) for (x, _), y in zip(self.items, labels)]
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def config(augment: AugmentConfig | None = None, **train) -> RunConfig:
+    train = {"epochs": 4, "batch_size": 8, "lr": 3e-3, "swa_start": None, "warmup_epochs": 0,
+             "device": "cpu", **train}
+    return RunConfig(audio=AudioConfig(sample_rate=SR, clip_seconds=0.25),
+                     features=FeatureConfig(n_fft=256, hop_length=64, n_mels=32),
+                     augment=augment or AugmentConfig(freq_mask_width=4),
+                     model=ModelConfig(backbone="test_resnet", drop_rate=0.1),
+                     train=TrainConfig(**train))
+
+
+NO_AUGMENT = AugmentConfig(freq_masks=0, time_masks=0, mixup_alpha=0.0)
+
+
+def run(cfg, out, train=None, val=None, **kw):
+    model = build_model(cfg, len(LABELS))
+    result = fit(model, train or Tones(6, 1), val or Tones(3, 2), cfg, out, label_names=LABELS, **kw)
+    return model, result
+
+
+def weights(path):
+    from safetensors.torch import load_file
+
+    return load_file(str(path))
+
+
+# --- learning --------------------------------------------------------------------------
+
+
+def test_overfits_a_small_batch(tmp_path):
+    data = Tones(2, 1)  # 6 clips, one batch
+    cfg = config(NO_AUGMENT, epochs=10, batch_size=6, lr=1e-2, plateau_patience=10)
+    model, result = run(cfg, tmp_path, train=data, val=data)
+    losses = [row["train_loss"] for row in result.history]
+    assert losses[0] > 0.5 and losses[-1] < 0.05
+
+
+def test_modes_during_fit_train_eval_and_bn_update(tmp_path):
+    """train() for steps (with gradients), eval() for validation (none), BN update: BN in
+    train mode but augmentation off and no gradients. (The SWA copy inherits the hooks.)"""
+    cfg = config(epochs=2, swa_start=1, batch_size=8)
+    model = build_model(cfg, len(LABELS))
+    calls, augmenting = [], []
+    model.specaugment.register_forward_pre_hook(lambda m, inp: augmenting.append(m.training))
+    model.backbone.register_forward_pre_hook(
+        lambda m, inp: calls.append((m.training, torch.is_grad_enabled(), augmenting[-1])))
+    fit(model, Tones(6, 1), Tones(3, 2), cfg, tmp_path, label_names=LABELS)
+    steps = [c for c in calls if c[0] and c[1]]
+    validation = [c for c in calls if not c[0]]
+    bn_update = [c for c in calls if c[0] and not c[1]]
+    assert len(steps) == 2 * 2 and all(c[2] for c in steps)  # 18 clips: 2 batches of 8 per epoch
+    assert len(validation) == 2 * 2 + 2  # 9 clips in batches of 8, each epoch and for SWA
+    assert not any(c[1] or c[2] for c in validation)
+    assert len(bn_update) == 2 and not any(c[2] for c in bn_update)  # SpecAugment off
+    assert len(calls) == len(steps) + len(validation) + len(bn_update)
+
+
+def test_plateau_halves_the_lr_after_patience_epochs_without_improvement():
+    param = torch.nn.Parameter(torch.zeros(2, 2))
+    tc = TrainConfig(epochs=20, lr=1e-3, plateau_patience=2, plateau_factor=0.5, swa_start=None)
+    schedule = LRSchedule(torch.optim.AdamW([param], lr=tc.lr), tc, steps_per_epoch=5)
+    lrs = []
+    for metric in [0.5, 0.6, 0.6, 0.6, 0.6, 0.7, 0.7, 0.7, 0.7]:
+        schedule.after_epoch(metric, averaging=False)
+        lrs.append(schedule.lr)
+    # 3 epochs without improvement (> patience 2) cut the LR; the improvement at 0.7 resets
+    assert lrs == [1e-3] * 4 + [5e-4] * 4 + [2.5e-4]
+
+
+def test_default_patience_is_derived_from_the_budget():
+    assert TrainConfig(epochs=10).resolved_plateau_patience() == 2
+    assert TrainConfig(epochs=60).resolved_plateau_patience() == 6
+    assert TrainConfig(epochs=60).resolved_early_stopping_patience() == 14
+
+
+def test_warmup_then_cosine_to_zero():
+    f = warmup_cosine(total_steps=110, warmup_steps=10)
+    assert [f(s) for s in range(3)] == [0.1, 0.2, 0.3]
+    assert f(9) == 1.0 and f(10) == 1.0
+    assert math.isclose(f(60), 0.5) and f(110) < 1e-12
+
+
+def test_early_stopping_restores_the_best_weights(tmp_path):
+    val = Tones(4, 2, shuffle_labels=True)
+    cfg = config(epochs=15, early_stopping_patience=2, plateau_patience=20)
+    model, result = run(cfg, tmp_path, val=val)
+    history = result.history
+    assert len(history) == result.best_epoch + 2 < 15  # stopped two epochs after the best
+    scores = [(row["val_accuracy"], -row["val_loss"]) for row in history]
+    assert result.best_epoch == 1 + scores.index(max(scores))
+    assert result.chosen == "best" and result.swa_metric is None
+    probs = predict_proba(model, val, batch_size=5)
+    targets = np.array([y for _, y in val.items])
+    assert (probs.argmax(1) == targets).mean() == pytest.approx(result.best_metric)
+    assert history[-1]["val_accuracy"] != result.best_metric or history[-1]["val_loss"] > min(
+        r["val_loss"] for r in history if r["val_accuracy"] == result.best_metric) - 1e-12
+    saved, meta = load_checkpoint(result.model_path)
+    assert meta["extra"]["training"]["best_epoch"] == result.best_epoch
+
+
+def test_swa_average_is_the_mean_of_the_epoch_weights(tmp_path):
+    cfg = config(epochs=1, swa_start=1)
+    run(cfg, tmp_path)
+    w1 = load_state(tmp_path / "state.safetensors")["model"]
+    run(cfg.replace(train={"epochs": 2}), tmp_path, resume=True)
+    state = load_state(tmp_path / "state.safetensors")
+    w2, swa = state["model"], state["swa"]
+    assert int(swa["n_averaged"]) == 2
+    params = [k for k in w1 if "running" not in k and "num_batches" not in k and "norm_" not in k]
+    assert params and not torch.equal(w1[params[0]], w2[params[0]])
+    for k in params:
+        torch.testing.assert_close(swa[f"module.{k}"], (w1[k] + w2[k]) / 2, rtol=1e-6, atol=1e-7)
+
+
+# --- resume ----------------------------------------------------------------------------
+
+
+RESUME_CFG = config(epochs=4, swa_start=2, plateau_patience=1)  # MixUp + SpecAugment on
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    out = tmp_path_factory.mktemp("full")
+    _, result = run(RESUME_CFG, out)
+    return out, result
+
+
+def same_run(out, result, reference):
+    ref_out, ref_result = reference
+    for name in ("model.safetensors", "state.safetensors"):
+        a, b = weights(out / name), weights(ref_out / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    strip = [{k: v for k, v in row.items() if k != "seconds"} for row in result.history]
+    assert strip == [{k: v for k, v in row.items() if k != "seconds"} for row in ref_result.history]
+    assert (result.chosen, result.swa_metric) == (ref_result.chosen, ref_result.swa_metric)
+
+
+def test_resume_after_a_shorter_run_matches_an_uninterrupted_run(tmp_path, uninterrupted):
+    run(RESUME_CFG.replace(train={"epochs": 2}), tmp_path)
+    _, result = run(RESUME_CFG, tmp_path, resume=True)
+    same_run(tmp_path, result, uninterrupted)
+
+
+def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path, uninterrupted):
+    model = build_model(RESUME_CFG, len(LABELS))
+    steps = []
+
+    def kill(module, inputs):
+        if module.training and torch.is_grad_enabled():
+            steps.append(1)
+            if len(steps) == 5:  # the first step of epoch 3 (2 steps per epoch)
+                raise KeyboardInterrupt
+
+    model.backbone.register_forward_pre_hook(kill)
+    with pytest.raises(KeyboardInterrupt):
+        fit(model, Tones(6, 1), Tones(3, 2), RESUME_CFG, tmp_path, label_names=LABELS)
+    assert load_state(tmp_path / "state.safetensors")["epoch"] == 2
+    _, result = run(RESUME_CFG, tmp_path, resume=True)
+    same_run(tmp_path, result, uninterrupted)
+
+
+# --- bad input -------------------------------------------------------------------------
+
+
+def test_a_folder_holding_a_run_is_refused_and_left_alone(tmp_path, uninterrupted):
+    out, _ = uninterrupted
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="already holds a run .*--resume .*--overwrite"):
+        run(RESUME_CFG, out)
+    with pytest.raises(ConfigError, match=r"cannot resume a different run: train.lr: 0.003 in the saved run, 0.01 now"):
+        run(RESUME_CFG.replace(train={"lr": 1e-2}), out, resume=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_overwrite_replaces_a_run(tmp_path):
+    cfg = config(epochs=1)
+    run(cfg, tmp_path)
+    (tmp_path / "metrics.csv").write_text("old\n")
+    _, result = run(cfg, tmp_path, overwrite=True)
+    assert (tmp_path / "metrics.csv").read_text().startswith("epoch,lr,")
+    assert len(result.history) == 1
+
+
+def test_bad_inputs(tmp_path):
+    cfg = config(epochs=1)
+    model = build_model(cfg, 3)
+    with pytest.raises(ConfigError, match="label_names has 2 names but the model has 3 outputs"):
+        fit(model, Tones(2, 1), Tones(1, 2), cfg, tmp_path, label_names=LABELS[:2])
+    with pytest.raises(ConfigError, match="the validation set is empty"):
+        fit(model, Tones(2, 1), Tones(0, 2), cfg, tmp_path, label_names=LABELS)
+    one_clip = torch.utils.data.Subset(Tones(1, 1), [0])
+    with pytest.raises(ConfigError, match="the training set has 1 clips; need at least 2"):
+        fit(model, one_clip, Tones(1, 2), cfg, tmp_path, label_names=LABELS)
+    with pytest.raises(ConfigError, match="batch_size 8 .* not divisible by the 3 processes"):
+        _make_env(cfg.train, torch.device("cpu"), DistInfo(rank=0, world_size=3))
+    assert not any(tmp_path.iterdir())  # nothing written
+
+
+def test_predict_proba_matches_the_model_in_eval_mode():
+    cfg = config()
+    model = build_model(cfg, 3)
+    data = Tones(3, 4)
+    model.train()
+    probs = predict_proba(model, data, batch_size=4)
+    assert probs.shape == (9, 3) and probs.dtype == np.float32
+    np.testing.assert_allclose(probs.sum(1), 1.0, rtol=1e-6)
+    assert not model.training
+    x = torch.stack([w for w, _ in data.items])
+    with torch.no_grad():
+        expected = torch.softmax(model(x), 1).numpy()
+    np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
+    bare = [w for w, _ in data.items]  # waveforms without labels
+    np.testing.assert_allclose(predict_proba(model, bare, batch_size=4), probs, rtol=1e-5, atol=1e-7)
