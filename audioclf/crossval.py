@@ -195,8 +195,12 @@ def _model_config(cfg: RunConfig) -> dict:
     return data
 
 
-def _hash_array(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.int64).tobytes()).hexdigest()[:16]
+def _identity(cfg: RunConfig, manifest, fold_ids: np.ndarray, n_folds: int, test_manifest) -> dict:
+    """What every fold of one run shares; the merge refuses folds whose identities differ."""
+    return {"config": _model_config(cfg), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
+            "folds": hashlib.sha256(np.ascontiguousarray(fold_ids, dtype=np.int64).tobytes()).hexdigest()[:16],
+            "n_folds": n_folds,
+            "test_manifest": test_manifest.content_hash() if test_manifest is not None else None}
 
 
 def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | None = None, *,
@@ -237,9 +241,7 @@ def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | Non
                                 f"{', '.join(unknown)}")
     if _is_main_process():
         write_run_inputs(out_dir, manifest, test_manifest, fold_ids)
-    identity = {"config": _model_config(cfg), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
-                "folds": _hash_array(fold_ids), "n_folds": n_folds,
-                "test_manifest": test_manifest.content_hash() if test_manifest is not None else None}
+    identity = _identity(cfg, manifest, fold_ids, n_folds, test_manifest)
     for fold in chosen:
         done = read_fold_summary(out_dir, fold, missing_ok=True)
         if done is not None and not overwrite:
@@ -276,8 +278,7 @@ def train_holdout(manifest, cfg: RunConfig, out_dir, split_column: str = "split"
     plan = FoldPlan(0, parts["train"], parts["validation"], parts["test"])
     if _is_main_process():
         write_run_inputs(out_dir, manifest, None, fold_ids)
-    identity = {"config": _model_config(cfg), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
-                "folds": _hash_array(fold_ids), "n_folds": 1, "test_manifest": None}
+    identity = _identity(cfg, manifest, fold_ids, 1, None)
     _run_fold(manifest, cfg, Path(out_dir), plan, identity, None, cache_dir, resume, overwrite)
     if not _is_main_process():
         return CVResult(Path(out_dir), Path(out_dir) / "bundle", [0])

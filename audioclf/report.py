@@ -38,6 +38,9 @@ ENSEMBLE_NOTE = ("The ensemble of the fold models is not scored on the cross-val
                  "used for training or selection (a held-out test set, or `audioclf evaluate` on another "
                  "manifest). The averaging rule and TTA setting are chosen on the inner validation splits.")
 
+HOLDOUT_NOTE = ("One model, fitted on the official training split, selected on the validation split and "
+                "scored once on the test split: the scores above are the bundle's.")
+
 
 def _targets(rows: list[dict], labels: list[str]) -> np.ndarray:
     index = {name: i for i, name in enumerate(labels)}
@@ -88,7 +91,7 @@ def build_cv_report(rows: list[dict], preds: dict[int, dict], summaries: list[di
         "folds": [{"fold": s["fold"], "n_fit": s["n_fit"], "n_val": s["n_val"], "n_heldout": s["n_heldout"],
                    **s["train"]} for s in summaries],
         "ensemble_test": None,
-        "ensemble_note": ENSEMBLE_NOTE,
+        "ensemble_note": ENSEMBLE_NOTE if len(folds) > 1 else HOLDOUT_NOTE,
         "config": config,
     }
 
