@@ -1,0 +1,139 @@
+"""audioclf.datasets: downloads only on request, verified, atomic, never over an existing copy.
+
+No test touches the network: archives are built here and served through ``file://`` URLs;
+an unreachable server is ``http://127.0.0.1:9`` (the discard port, closed) or a patched
+``urlopen``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import shutil
+import tarfile
+import urllib.error
+from contextlib import redirect_stderr, redirect_stdout
+from pathlib import Path
+
+import pytest
+
+import layout_fixtures as fx
+from audioclf import recipe
+from audioclf.datasets import DATASETS, count_audio_files, default_fsdd_dir, download_dataset
+from audioclf.errors import ManifestError
+from audioclf.layouts import build_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+N_ESC50 = 16  # clips written by fx.write_esc50
+ESC50 = dataclasses.replace(DATASETS["esc50"], n_files=N_ESC50)
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory) -> dict[str, Path]:
+    """The ESC-50 fixture packed as the official archive is: under ``ESC-50-master/``."""
+    base = tmp_path_factory.mktemp("archives")
+    fx.write_esc50(base / "ESC-50-master")
+    tar = base / "esc50.tar.gz"
+    with tarfile.open(tar, "w:gz") as t:
+        t.add(base / "ESC-50-master", arcname="ESC-50-master")
+    zip_ = Path(shutil.make_archive(str(base / "esc50"), "zip", base, "ESC-50-master"))
+    no_meta = base / "no-meta.tar.gz"
+    with tarfile.open(no_meta, "w:gz") as t:
+        t.add(base / "ESC-50-master" / "audio", arcname="ESC-50-master/audio")
+    return {"tar": tar, "zip": zip_, "no_meta": no_meta}
+
+
+def leftovers(parent: Path, dest: Path) -> list[str]:
+    """Anything in ``parent`` besides ``dest``: temporary download folders must be gone."""
+    return sorted(p.name for p in parent.iterdir() if p != dest)
+
+
+@pytest.mark.parametrize("kind", ["tar", "zip"])
+def test_download_unpacks_the_official_layout(tmp_path, archives, kind):
+    dest = tmp_path / "esc50"
+    assert download_dataset(ESC50, dest, url=archives[kind].as_uri()) == dest
+    assert count_audio_files(dest) == N_ESC50
+    manifest = build_manifest("esc50", dest)
+    assert len(manifest) == N_ESC50 and sorted(set(manifest.folds().tolist())) == [1, 2, 3, 4, 5]
+    assert leftovers(tmp_path, dest) == []
+
+
+def test_download_into_an_existing_empty_folder(tmp_path, archives):
+    (tmp_path / "esc50").mkdir()
+    download_dataset(ESC50, tmp_path / "esc50", url=archives["tar"].as_uri())
+    assert (tmp_path / "esc50" / "meta" / "esc50.csv").is_file()
+
+
+def test_a_file_count_mismatch_leaves_nothing_behind(tmp_path, archives):
+    dest = tmp_path / "esc50"
+    with pytest.raises(ManifestError, match=f"holds {N_ESC50} audio files, ESC-50 has 2000; the download is "
+                                            "incomplete or not the official release"):
+        download_dataset(DATASETS["esc50"], dest, url=archives["tar"].as_uri())
+    assert not dest.exists() and leftovers(tmp_path, dest) == []
+
+
+def test_an_archive_without_the_layout_is_rejected(tmp_path, archives):
+    with pytest.raises(ManifestError, match="the archive has no ESC-50-master/meta/esc50.csv; it is not the official"):
+        download_dataset(ESC50, tmp_path / "esc50", url=archives["no_meta"].as_uri())
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_damaged_archive_is_named(tmp_path):
+    bad = tmp_path / "src" / "esc50.tar.gz"
+    bad.parent.mkdir()
+    bad.write_bytes(b"\x1f\x8b\x08 not really gzip")
+    with pytest.raises(ManifestError, match="the downloaded archive is damaged"):
+        download_dataset(ESC50, tmp_path / "esc50", url=bad.as_uri())
+    assert leftovers(tmp_path, tmp_path / "esc50") == ["src"]
+
+
+def test_an_existing_copy_is_never_overwritten(tmp_path, archives):
+    dest = tmp_path / "esc50"
+    (dest / "meta").mkdir(parents=True)
+    (dest / "meta" / "esc50.csv").write_text("mine\n")
+    with pytest.raises(ManifestError, match="already exists and is not empty; refusing to download over it"):
+        download_dataset(ESC50, dest, url=archives["tar"].as_uri())
+    assert (dest / "meta" / "esc50.csv").read_text() == "mine\n"
+    assert sorted(p.name for p in dest.rglob("*")) == ["esc50.csv", "meta"]
+
+
+def test_unreachable_server_says_how_to_download_by_hand(tmp_path):
+    dest = tmp_path / "esc50"
+    with pytest.raises(ManifestError) as e:
+        download_dataset(ESC50, dest, url="http://127.0.0.1:9/ESC-50-master.zip", timeout=5)
+    msg = str(e.value)
+    assert msg.startswith("could not download ESC-50 from http://127.0.0.1:9/ESC-50-master.zip")
+    assert f"download ESC-50 from {ESC50.url} and unpack it so that {dest / 'meta' / 'esc50.csv'} exists" in msg
+    assert leftovers(tmp_path, dest) == []
+
+
+def test_a_dataset_without_a_public_archive(tmp_path):
+    with pytest.raises(ManifestError, match="GTZAN genre collection has no public download address: download"):
+        download_dataset(DATASETS["gtzan"], tmp_path / "gtzan")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_recipe_download_without_network(tmp_path, monkeypatch):
+    def offline(url, timeout=None):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr("urllib.request.urlopen", offline)
+    dest = tmp_path / "sc"
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        code = recipe.main(REPO / "recipes" / "speechcommands.toml",
+                           ["--data-dir", str(dest), "--download", "--preset", "cpu", "--out", str(tmp_path / "o")])
+    assert code == 2
+    msg = err.getvalue().strip()
+    assert msg.startswith("speechcommands: error: could not download Speech Commands v0.02 from "
+                          f"{DATASETS['speechcommands'].url} ([Errno -3] Temporary failure in name resolution)")
+    assert f"unpack it so that {dest / 'validation_list.txt'} exists" in msg
+    assert leftovers(tmp_path, dest) == []
+
+
+def test_default_fsdd_dir_follows_the_environment(tmp_path, monkeypatch):
+    (tmp_path / "recordings").mkdir()
+    monkeypatch.setenv("AUDIOCLF_FSDD_DIR", str(tmp_path))
+    assert default_fsdd_dir() == tmp_path
+    monkeypatch.setenv("AUDIOCLF_FSDD_DIR", str(tmp_path / "elsewhere"))
+    assert default_fsdd_dir() != tmp_path / "elsewhere"
