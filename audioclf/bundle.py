@@ -167,6 +167,7 @@ def merge_folds(out_dir, command: str | None = None) -> dict:
     test_rows = _read_rows(out_dir / "test-clips.csv") if "test" in preds[found[0]] else None
     if test_rows is not None:
         report["ensemble_test"] = reporting.score_ensemble_on_test(test_rows, preds, report["labels"])
+        report["ensemble_test"]["chosen"] = reporting.chosen_key(report["selection"])  # what the bundle runs
     report["command"] = command
     report["versions"] = versions()
     bundle = out_dir / "bundle"

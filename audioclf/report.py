@@ -121,7 +121,7 @@ def score_ensemble_on_test(test_rows: list[dict], preds: dict[int, dict], labels
         scores[rule] = score_all(targets, combine_log_probs(lp[:, :1], rule))
         if lp.shape[1] > 1:
             scores[f"tta-{rule}"] = score_all(targets, combine_log_probs(lp, rule))
-    return {"n_clips": int(len(targets)), "n_models": int(lp.shape[0]), "scores": scores}
+    return {"n_clips": int(len(targets)), "n_models": int(lp.shape[0]), "scores": scores, "chosen": None}
 
 
 def chosen_key(selection: dict) -> str:
@@ -129,7 +129,7 @@ def chosen_key(selection: dict) -> str:
 
 
 def evaluate_bundle(bundle_dir, manifest, out_dir, cache_dir=None, device: str = "auto",
-                    batch_size: int = 32) -> dict:
+                    batch_size: int = 32, command: str | None = None) -> dict:
     """Score a bundle's ensemble on every clip of ``manifest``; write the report into ``out_dir``.
 
     Raises:
@@ -158,7 +158,7 @@ def evaluate_bundle(bundle_dir, manifest, out_dir, cache_dir=None, device: str =
     report = {"protocol": "evaluation", "bundle": str(bundle.path), "n_clips": len(manifest),
               "labels": bundle.labels, "rule": bundle.rule, "tta_shifts": bundle.tta_shifts,
               "ece_bins": ECE_BINS, "scores": score_all(targets, probs),
-              "confusion_matrix": confusion_matrix(targets, probs).tolist(), "versions": versions()}
+              "confusion_matrix": confusion_matrix(targets, probs).tolist(), "command": command, "versions": versions()}
     out_dir = Path(out_dir)
     with atomic_open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
@@ -219,6 +219,10 @@ def markdown(report: dict) -> str:
         lines += [f"{report['n_clips']} clips scored by the bundle's ensemble "
                   f"({report['rule']} mean, TTA shifts {report['tta_shifts']}).", "", head,
                   f"| ensemble | {_fmt(report['scores'])} |"]
+    if report.get("command") or report.get("versions"):
+        versions = ", ".join(f"{name} {v}" for name, v in (report.get("versions") or {}).items())
+        lines += ["", "## Provenance", "", f"Command: `{report.get('command') or 'library call'}`", "",
+                  f"Versions: {versions}"]
     return "\n".join(lines) + "\n"
 
 

@@ -25,6 +25,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import sys
     from pathlib import Path
 
     from audioclf.bundle import resolve_bundle_dir
@@ -35,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else bundle / f"eval-{Path(args.manifest).stem}"
     manifest = read_manifest(args.manifest, root=args.data_root)
     report = evaluate_bundle(bundle, manifest, out, cache_dir=args.cache_dir, device=args.device,
-                             batch_size=args.batch_size)
+                             batch_size=args.batch_size, command=" ".join(["audioclf", *sys.argv[1:]]))
     print(summary_text(report))
     print(f"report: {out}")
     return 0
