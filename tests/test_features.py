@@ -251,3 +251,19 @@ def test_gradients_flow_to_the_waveform():
     assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
     with torch.no_grad():  # the fast in-place path gives the same values
         torch.testing.assert_close(LogMel(SR, n_mels=32, top_db=None)(x), out, atol=1e-4, rtol=0)
+
+
+def test_parallel_chunks_match_one_thread_and_restore_the_thread_count():
+    x = torch.cat([_signals()] * 3)  # 12 clips: several chunks
+    logmel = LogMel(SR, n_mels=64)
+    logmel.chunk_values = 1  # one clip per chunk
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        parallel = logmel(x)
+        assert torch.get_num_threads() == 2
+        torch.set_num_threads(1)
+        serial = logmel(x)
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(parallel, serial, atol=1e-4, rtol=0)
