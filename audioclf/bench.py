@@ -11,11 +11,12 @@ usually shared; ratios are more stable than absolute figures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -104,6 +105,16 @@ def _median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None
     return statistics.median(times)
 
 
+@contextlib.contextmanager
+def _torch_threads(n: int) -> Iterator[None]:
+    saved = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
+
+
 def _test_batch(s: BenchSettings) -> torch.Tensor:
     """(B, N) noise with a different level per clip, so top_db matters: float32 in [-1, 1]."""
     gen = torch.Generator().manual_seed(s.seed)
@@ -144,6 +155,9 @@ def bench_logmel(s: BenchSettings) -> list[BenchRow]:
     threads = f"{torch.get_num_threads()} torch threads"
     add("torchaudio MelSpectrogram + AmplitudeToDB, batched", lambda: to_db(mel(x[:, None])), note=threads)
     add("audioclf LogMel, CPU", lambda: logmel(x), note=threads)
+    if torch.get_num_threads() > 1:
+        with _torch_threads(1):
+            add("audioclf LogMel, CPU, one thread", lambda: logmel(x), note="1 torch thread")
     if s.use_cuda():
         gpu, xg = logmel.to("cuda"), x.to("cuda")
         add("audioclf LogMel, CUDA", lambda: gpu(xg), torch.cuda.synchronize,

@@ -19,8 +19,14 @@ TINY = BenchSettings(batch_size=3, seconds=0.25, sample_rate=8000, n_fft=256, ho
 
 
 def test_logmel_rows_are_sane():
-    rows = run_benchmarks(["logmel"], TINY)
-    assert [r.stage for r in rows] == ["logmel"] * 3
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        rows = run_benchmarks(["logmel"], TINY)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+    assert [r.stage for r in rows] == ["logmel"] * 4
     ref, *others = rows
     assert "librosa" in ref.method and ref.ratio == 1.0 and ref.max_abs_diff is None
     for r in others:
@@ -29,6 +35,7 @@ def test_logmel_rows_are_sane():
         assert r.max_abs_diff < 0.05  # dB: every method computes the same features
     assert any("torchaudio" in r.method for r in others)
     assert any("audioclf" in r.method for r in others)
+    assert any("one thread" in r.method for r in others)
 
 
 def test_table_has_one_line_per_row_and_every_method():
@@ -59,7 +66,10 @@ def test_bench_command_prints_the_table_and_writes_json(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "librosa" in printed and "audioclf LogMel, CPU" in printed
     saved = json.loads(out.read_text())
-    assert saved["settings"]["batch_size"] == 2 and len(saved["rows"]) == 3
+    assert saved["settings"]["batch_size"] == 2 and len(saved["rows"]) >= 3
+    assert [r["method"] for r in saved["rows"]][:3] == [
+        "librosa, clip by clip (reference)", "torchaudio MelSpectrogram + AmplitudeToDB, batched",
+        "audioclf LogMel, CPU"]
 
 
 @pytest.mark.parametrize("power", [1.0, 2.0])
