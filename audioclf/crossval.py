@@ -309,6 +309,12 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
     fold_dir = out_dir / f"fold-{plan.fold}"
     log.info("fold %d: fit %d clips, select on %d, hold out %d",
              plan.fold, len(plan.fit), len(plan.val), len(plan.heldout))
+    if _is_main_process():  # retraining: the fold is not done, and a merged bundle is stale
+        (fold_dir / "fold.json").unlink(missing_ok=True)
+        stale = out_dir / "bundle" / "config.json"
+        if stale.exists():
+            stale.unlink(missing_ok=True)
+            log.info("%s removed: the bundle is incomplete until `audioclf cv-merge %s`", stale, out_dir)
     cache = WaveformCache(manifest, cfg.audio.sample_rate, cache_dir, num_workers=cfg.train.num_workers).build()
     targets = manifest.targets()
     clip = cfg.audio.clip_samples

@@ -279,3 +279,28 @@ def test_train_holdout_names_a_missing_split():
 
     with pytest.raises(ManifestError, match="no rows in split"):
         train_holdout(make_manifest(), RunConfig(), "/nonexistent")
+
+
+def test_retraining_a_fold_marks_the_merged_bundle_incomplete(tone_run, tmp_path, monkeypatch):
+    import shutil
+
+    import audioclf.train
+    from audioclf.crossval import cross_validate
+    from audioclf.errors import BundleError
+    from audioclf.predict import Predictor
+
+    manifest, result, *_ = tone_run
+    copy = tmp_path / "run"
+    shutil.copytree(result.out_dir, copy)
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audioclf.train, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cross_validate(manifest, RunConfig.from_dict(TINY), copy, folds=[1], overwrite=True)
+    assert not (copy / "fold-1" / "fold.json").exists()
+    with pytest.raises(BundleError, match="config.json: missing"):
+        Predictor.from_bundle(copy / "bundle")
+    with pytest.raises(BundleError, match=r"fold\(s\) 1 of 2 missing"):
+        merge_folds(copy)
