@@ -239,7 +239,7 @@ def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | Non
         if unknown:
             raise ManifestError(f"the test manifest has labels the cross-validation manifest lacks: "
                                 f"{', '.join(unknown)}")
-    if _is_main_process():
+    if is_main_process():
         write_run_inputs(out_dir, manifest, test_manifest, fold_ids)
     identity = _identity(cfg, manifest, fold_ids, n_folds, test_manifest)
     for fold in chosen:
@@ -249,7 +249,7 @@ def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | Non
             log.info("fold %d already done in %s; kept (--overwrite retrains it)", fold, out_dir)
             continue
         _run_fold(manifest, cfg, out_dir, plans[fold], identity, test_manifest, cache_dir, resume, overwrite)
-    if folds is not None or not _is_main_process():
+    if folds is not None or not is_main_process():
         return CVResult(out_dir, out_dir / "bundle", chosen)
     report = merge_folds(out_dir, command=command)
     return CVResult(out_dir, out_dir / "bundle", chosen, report)
@@ -276,11 +276,11 @@ def train_holdout(manifest, cfg: RunConfig, out_dir, split_column: str = "split"
     fold_ids = np.full(len(manifest), -1, dtype=np.int64)
     fold_ids[parts["test"]] = 0
     plan = FoldPlan(0, parts["train"], parts["validation"], parts["test"])
-    if _is_main_process():
+    if is_main_process():
         write_run_inputs(out_dir, manifest, None, fold_ids)
     identity = _identity(cfg, manifest, fold_ids, 1, None)
     _run_fold(manifest, cfg, Path(out_dir), plan, identity, None, cache_dir, resume, overwrite)
-    if not _is_main_process():
+    if not is_main_process():
         return CVResult(Path(out_dir), Path(out_dir) / "bundle", [0])
     report = merge_folds(out_dir, command=command)
     return CVResult(Path(out_dir), Path(out_dir) / "bundle", [0], report)
@@ -307,9 +307,9 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
     from audioclf.train import fit
 
     fold_dir = out_dir / f"fold-{plan.fold}"
-    log.info("fold %d: fit %d clips, select on %d, hold out %d",
-             plan.fold, len(plan.fit), len(plan.val), len(plan.heldout))
-    if _is_main_process():  # retraining: the fold is not done, and a merged bundle is stale
+    if is_main_process():  # retraining: the fold is not done, and a merged bundle is stale
+        log.info("fold %d: fit %d clips, select on %d, hold out %d",
+                 plan.fold, len(plan.fit), len(plan.val), len(plan.heldout))
         (fold_dir / "fold.json").unlink(missing_ok=True)
         stale = out_dir / "bundle" / "config.json"
         if stale.exists():
@@ -326,7 +326,7 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
     model = build_model(cfg, len(manifest.labels))
     result = fit(model, dataset(plan.fit, True), dataset(plan.val, False), cfg, fold_dir / "train",
                  label_names=manifest.labels.names, resume=resume, overwrite=overwrite)
-    if not _is_main_process():  # under torchrun, rank 0 scores and writes; the others move on
+    if not is_main_process():  # under torchrun, rank 0 scores and writes; the others move on
         return
     model, _ = load_checkpoint(result.model_path)  # the chosen (best or SWA) model
     device = _device(cfg.train.device)
@@ -353,7 +353,7 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
     write_fold_summary(out_dir, plan.fold, fold_summary(plan, identity, result, shifts, heldout_score))
 
 
-def _is_main_process() -> bool:
+def is_main_process() -> bool:
     """Rank 0 under torchrun (RANK is set before the process group exists), else True."""
     return int(os.environ.get("RANK", "0")) == 0
 

@@ -50,7 +50,7 @@ def parse_folds(text: str | None) -> list[int] | None:
 def run(args: argparse.Namespace) -> int:
     import sys
 
-    from audioclf.crossval import cross_validate
+    from audioclf.crossval import cross_validate, is_main_process
     from audioclf.manifest import read_manifest
 
     cfg = run_config_from_args(args)
@@ -65,6 +65,8 @@ def run(args: argparse.Namespace) -> int:
     result = cross_validate(manifest, cfg, args.out, folds=folds, test_manifest=test, cache_dir=args.cache_dir,
                             resume=args.resume, overwrite=args.overwrite,
                             command=" ".join(["audioclf", *sys.argv[1:]]))
+    if not is_main_process():  # under torchrun only rank 0 reports
+        return 0
     print(result.summary())
     if result.report is not None:
         print(f"bundle: {result.bundle_dir}")
