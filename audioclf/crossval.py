@@ -334,7 +334,8 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
     shifts = tta_shifts(cfg.cv.tta_shifts, clip, cfg.cv.tta_max_shift)
 
     def score(ds):  # (V, N, K) log-probs of the one fold model
-        return ensemble.score_dataset([model], ds, shifts, cfg.cv.tta_mode, cfg.train.batch_size, device)[0]
+        return ensemble.score_dataset([model], ds, shifts, cfg.cv.tta_mode, cfg.train.batch_size, device,
+                                      cfg.train.num_workers)[0]
 
     arrays = {"heldout_idx": plan.heldout, "val_idx": plan.val,
               "heldout": score(dataset(plan.heldout, False)), "val": score(dataset(plan.val, False))}

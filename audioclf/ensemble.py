@@ -140,7 +140,7 @@ def predict_members(models: Sequence[torch.nn.Module], waveforms: torch.Tensor, 
 
 def score_dataset(models: Sequence[torch.nn.Module], dataset, shifts: Sequence[int] = (0,),
                   mode: str = "circular", batch_size: int = 64, device: str | torch.device = "cpu",
-                  progress: bool = False) -> np.ndarray:
+                  num_workers: int = 0, progress: bool = False) -> np.ndarray:
     """Log-probabilities of every member on every item of a dataset of (waveform, target).
 
     Returns:
@@ -151,7 +151,7 @@ def score_dataset(models: Sequence[torch.nn.Module], dataset, shifts: Sequence[i
 
     for m in models:
         m.eval()
-    loader: Iterable = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=0)
+    loader: Iterable = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers)
     parts = []
     for waveforms, _ in tqdm(loader, desc="scoring", disable=not progress, leave=False):
         parts.append(member_log_probs(models, waveforms.to(device), shifts, mode).cpu().numpy())
