@@ -29,7 +29,7 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 
-from audioclf.errors import AudioError, BundleError
+from audioclf.errors import AudioError
 
 __all__ = ["Predictor", "Prediction", "WindowPrediction", "window_starts"]
 

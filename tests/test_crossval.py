@@ -1,12 +1,18 @@
+import csv
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
+from synth import write_tone_dataset
 
+from audioclf.bundle import merge_folds
 from audioclf.config import RunConfig
 from audioclf.crossval import assign_folds, inner_split, plan_folds, split_holdout_groups
 from audioclf.errors import ManifestError
-from audioclf.bundle import merge_folds
 from audioclf.manifest import Manifest, Record, write_manifest
 
 
@@ -109,14 +115,6 @@ def test_split_holdout_groups_sets_whole_groups_aside():
 
 # ---------------------------------------------------------------- with training (tiny)
 
-import csv as _csv  # noqa: E402
-import os  # noqa: E402
-import subprocess  # noqa: E402
-import sys  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-from synth import write_tone_dataset  # noqa: E402
-
 TINY = {"audio": {"sample_rate": 8000, "clip_seconds": 0.5},
         "features": {"n_fft": 256, "hop_length": 80, "n_mels": 32},
         "augment": {"mixup_alpha": 0.0},
@@ -155,7 +153,7 @@ def tone_run(tmp_path_factory):
 
 def _fold_column(run_dir: Path) -> np.ndarray:
     with open(run_dir / "folds.csv") as f:
-        return np.array([int(r["fold"]) for r in _csv.DictReader(f)])
+        return np.array([int(r["fold"]) for r in csv.DictReader(f)])
 
 
 def test_no_held_out_clip_is_used_for_fitting_or_selection(tone_run):
@@ -183,7 +181,7 @@ def test_cv_report_and_oof_cover_every_clip(tone_run):
         assert len(s["per_fold"]) == 2
         assert s["mean"]["accuracy"] == pytest.approx(np.mean([f["accuracy"] for f in s["per_fold"]]))
     with open(result.bundle_dir / "oof.csv") as f:
-        rows = list(_csv.DictReader(f))
+        rows = list(csv.DictReader(f))
     assert sorted(r["path"] for r in rows) == sorted(r.path for r in manifest.records)
     test = report["ensemble_test"]  # the fold ensemble, scored only on the held-out group
     assert test["n_clips"] == len(tone_run[3]) and test["n_models"] == 2
