@@ -298,7 +298,6 @@ def _require_same(done: dict, identity: dict, out_dir: Path, fold: int) -> None:
 def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity: dict, test_manifest,
               cache_dir, resume: bool, overwrite: bool) -> None:
     """Fit one fold, score its held-out part (and the test set), write the fold's files."""
-    from audioclf.augment import tta_shifts
     from audioclf.bundle import fold_summary, write_fold_summary
     from audioclf.checkpoint import load_checkpoint, save_checkpoint
     from audioclf.data import ClipDataset, WaveformCache
@@ -307,21 +306,16 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
     from audioclf.train import fit
 
     fold_dir = out_dir / f"fold-{plan.fold}"
-    if is_main_process():  # retraining: the fold is not done, and a merged bundle is stale
+    if is_main_process():
         log.info("fold %d: fit %d clips, select on %d, hold out %d",
                  plan.fold, len(plan.fit), len(plan.val), len(plan.heldout))
-        (fold_dir / "fold.json").unlink(missing_ok=True)
-        stale = out_dir / "bundle" / "config.json"
-        if stale.exists():
-            stale.unlink(missing_ok=True)
-            log.info("%s removed: the bundle is incomplete until `audioclf cv-merge %s`", stale, out_dir)
+        _mark_unfinished(out_dir, plan.fold)
     cache = WaveformCache(manifest, cfg.audio.sample_rate, cache_dir, num_workers=cfg.train.num_workers).build()
     targets = manifest.targets()
-    clip = cfg.audio.clip_samples
 
-    def dataset(indices, train):
-        return ClipDataset(cache, indices, targets[indices], clip, train=train, pad_mode=cfg.audio.pad_mode,
-                           seed=cfg.train.seed)
+    def dataset(indices, train, source=cache, labels=targets):
+        return ClipDataset(source, indices, labels[indices], cfg.audio.clip_samples, train=train,
+                           pad_mode=cfg.audio.pad_mode, seed=cfg.train.seed)
 
     model = build_model(cfg, len(manifest.labels))
     result = fit(model, dataset(plan.fit, True), dataset(plan.val, False), cfg, fold_dir / "train",
@@ -329,29 +323,42 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
     if not is_main_process():  # under torchrun, rank 0 scores and writes; the others move on
         return
     model, _ = load_checkpoint(result.model_path)  # the chosen (best or SWA) model
-    device = _device(cfg.train.device)
-    model.to(device).eval()
-    shifts = tta_shifts(cfg.cv.tta_shifts, clip, cfg.cv.tta_max_shift)
-
-    def score(ds):  # (V, N, K) log-probs of the one fold model
-        return ensemble.score_dataset([model], ds, shifts, cfg.cv.tta_mode, cfg.train.batch_size, device,
-                                      cfg.train.num_workers)[0]
-
-    arrays = {"heldout_idx": plan.heldout, "val_idx": plan.val,
-              "heldout": score(dataset(plan.heldout, False)), "val": score(dataset(plan.val, False))}
+    parts = {"heldout": dataset(plan.heldout, False), "val": dataset(plan.val, False)}
     if test_manifest is not None:
         test_cache = WaveformCache(test_manifest, cfg.audio.sample_rate, cache_dir).build()
         test_targets = manifest.labels.encode(r.label for r in test_manifest.records)  # the training label map
-        arrays["test"] = score(ClipDataset(test_cache, np.arange(len(test_manifest)), test_targets, clip,
-                                           train=False, pad_mode=cfg.audio.pad_mode))
+        parts["test"] = dataset(np.arange(len(test_manifest)), False, test_cache, test_targets)
+    shifts, arrays = _score_views(model, parts, cfg)
     with atomic_open(fold_dir / "predictions.npz", "wb") as f:
-        np.savez(f, **arrays)
+        np.savez(f, heldout_idx=plan.heldout, val_idx=plan.val, **arrays)
     save_checkpoint(model, out_dir / "bundle" / f"fold-{plan.fold}", cfg, manifest.labels.names,
                     extra={"fold": plan.fold, "chosen": result.chosen, "best_epoch": result.best_epoch})
     heldout_score = score_all(targets[plan.heldout], np.exp(arrays["heldout"][0]))
     log.info("fold %d: held-out accuracy %.4f, log loss %.4f (no TTA)",
              plan.fold, heldout_score["accuracy"], heldout_score["log_loss"])
     write_fold_summary(out_dir, plan.fold, fold_summary(plan, identity, result, shifts, heldout_score))
+
+
+def _mark_unfinished(out_dir: Path, fold: int) -> None:
+    """A fold being (re)trained is not done, and a bundle merged from its old model is stale."""
+    (out_dir / f"fold-{fold}" / "fold.json").unlink(missing_ok=True)
+    stale = out_dir / "bundle" / "config.json"
+    if stale.exists():
+        stale.unlink(missing_ok=True)
+        log.info("%s removed: the bundle is incomplete until `audioclf cv-merge %s`", stale, out_dir)
+
+
+def _score_views(model, parts: dict, cfg: RunConfig) -> tuple[list[int], dict[str, np.ndarray]]:
+    """Every TTA view of each dataset in ``parts``: name -> (V, N, K) log-probs of one model."""
+    from audioclf.augment import tta_shifts
+
+    device = _device(cfg.train.device)
+    model.to(device).eval()
+    shifts = tta_shifts(cfg.cv.tta_shifts, cfg.audio.clip_samples, cfg.cv.tta_max_shift)
+    arrays = {name: ensemble.score_dataset([model], ds, shifts, cfg.cv.tta_mode, cfg.train.batch_size, device,
+                                           cfg.train.num_workers)[0]
+              for name, ds in parts.items()}
+    return shifts, arrays
 
 
 def is_main_process() -> bool:
