@@ -16,8 +16,8 @@ Protocols:
     ``official-split``  the dataset's own train / validation / test lists (Speech Commands)
 
 ``--quick`` keeps a few clips per label and trains a few epochs. With official folds it
-joins them into ``quick_k`` folds (official fold ``f`` goes to ``f mod quick_k``): a clip
-never leaves its official fold's company, so the quick run keeps the protocol's guarantees.
+joins them into ``quick_k`` folds (the i-th official fold goes to fold ``i mod quick_k``):
+an official fold is never split, so the quick run keeps the protocol's guarantees.
 """
 
 from __future__ import annotations
@@ -162,6 +162,8 @@ def run_recipe(spec: RecipeSpec, presets: dict, quick: dict, args: argparse.Name
     from audioclf.layouts import build_manifest
 
     started = time.time()
+    if args.url and not args.download:
+        raise ConfigError("--url is the address to --download from; pass --download with it")
     cfg = _run_config(spec, presets, quick, args)
     data_dir = _resolve_data_dir(spec, args)
     manifest = build_manifest(spec.dataset, data_dir)
@@ -170,7 +172,6 @@ def run_recipe(spec: RecipeSpec, presets: dict, quick: dict, args: argparse.Name
     log.info("%s: %s, preset %s%s", spec.dataset, manifest.summary(), _preset_name(args),
              " (quick)" if args.quick else "")
     result = _run_protocol(spec, manifest, cfg, args, command)
-    _add_provenance(result.bundle_dir / "report.md", result.report)
     return headline(spec.dataset, result.report, result.bundle_dir, (time.time() - started) / 60)
 
 
@@ -304,18 +305,6 @@ def _run_protocol(spec: RecipeSpec, manifest, cfg: RunConfig, args, command: str
         manifest, holdout = crossval.split_holdout_groups(manifest, spec.holdout_groups, seed=cfg.cv.seed)
     return crossval.cross_validate(manifest, cfg, args.out, test_manifest=holdout, cache_dir=cache_dir,
                                    overwrite=args.overwrite, command=command)
-
-
-def _add_provenance(report_md: Path, report: dict) -> None:
-    """Append the command and versions to ``report.md`` unless the report already names them."""
-    from audioclf._io import write_text_atomic
-
-    command = report.get("command")
-    text = report_md.read_text(encoding="utf-8")
-    if not command or command in text:
-        return
-    versions = ", ".join(f"{name} {v}" for name, v in (report.get("versions") or {}).items())
-    write_text_atomic(report_md, f"{text}\n## Provenance\n\nCommand: `{command}`\n\nVersions: {versions}\n")
 
 
 def headline(dataset: str, report: dict, bundle_dir: Path, minutes: float) -> str:

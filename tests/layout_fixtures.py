@@ -114,7 +114,7 @@ def write_gtzan(root: str | Path, genres=GTZAN_GENRES, per_genre: int = 4, secon
     return root
 
 
-def write_fsdd_slice(fsdd_dir: str | Path, root: str | Path, takes=range(2)) -> Path:
+def write_fsdd_slice(fsdd_dir: str | Path, root: str | Path, takes=range(1)) -> Path:
     """``recordings/{digit}_{speaker}_{take}.wav`` linking to a slice of the real FSDD:
     every digit and speaker, the given takes."""
     fsdd_dir, root = Path(fsdd_dir), Path(root)

@@ -137,3 +137,17 @@ def test_default_fsdd_dir_follows_the_environment(tmp_path, monkeypatch):
     assert default_fsdd_dir() == tmp_path
     monkeypatch.setenv("AUDIOCLF_FSDD_DIR", str(tmp_path / "elsewhere"))
     assert default_fsdd_dir() != tmp_path / "elsewhere"
+
+
+def test_recipe_download_from_a_mirror_then_builds_the_manifest(tmp_path, archives, monkeypatch):
+    """``--download --url``: fetched, verified and unpacked before the manifest is built (the run
+    then stops on a cheap error of its own: 5 official folds cannot be joined into 9)."""
+    monkeypatch.setitem(DATASETS, "esc50", ESC50)
+    dest = tmp_path / "esc50"
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        code = recipe.main(REPO / "recipes" / "esc50.toml",
+                           ["--data-dir", str(dest), "--download", "--url", archives["zip"].as_uri(), "--quick",
+                            "--k", "9", "--preset", "cpu", "--out", str(tmp_path / "out")])
+    assert code == 2 and "cannot join 5 official folds into 9" in err.getvalue()
+    assert count_audio_files(dest) == N_ESC50 and (dest / "meta" / "esc50.csv").is_file()

@@ -298,3 +298,8 @@ def test_download_never_replaces_an_existing_copy(tmp_path, monkeypatch):
     msg = _error("esc50", ["--data-dir", str(data), "--download", "--out", str(tmp_path / "out")])
     assert "meta/esc50.csv: not found" in msg
     assert sorted(p.relative_to(data) for p in data.rglob("*")) == before
+
+
+def test_url_without_download(tmp_path):
+    msg = _error("gtzan", ["--data-dir", str(tmp_path), "--url", "file:///x.zip"])
+    assert "--url is the address to --download from; pass --download with it" in msg
