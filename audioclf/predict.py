@@ -275,6 +275,8 @@ class _FileReader:
     def __init__(self, path: Path, rate: int):
         import soundfile as sf
 
+        from audioclf.audio import _check_complete
+
         if not path.exists():
             raise AudioError(f"{path}: no such file")
         if path.is_dir():
@@ -288,6 +290,9 @@ class _FileReader:
                              "is it truncated or not audio?") from None
         if info.frames <= 0:
             raise AudioError(f"{path}: contains no samples (header only)")
+        # The header's own account of missing data (libsndfile's log), as load_audio checks it;
+        # spans read later are checked against the declared length in _read_frames.
+        _check_complete(path, info.frames, info.frames, info.extra_info, info.format)
         self.path, self.rate, self.file_rate, self.frames = path, rate, info.samplerate, info.frames
         g = math.gcd(self.file_rate, rate)
         self.p_in, self.p_out = self.file_rate // g, rate // g  # samples per resampling period
@@ -302,6 +307,9 @@ class _FileReader:
         except (sf.LibsndfileError, RuntimeError) as e:
             raise AudioError(f"{self.path}: cannot decode audio at samples {start}-{stop} "
                              f"({getattr(e, 'error_string', e)})") from None
+        if len(data) < stop - start:
+            raise AudioError(f"{self.path}: truncated file: the header declares {self.frames} samples, "
+                             f"decoding stopped at {start + len(data)}")
         return data.mean(axis=1)  # (n, C) -> (n,)
 
     def read(self, start: int, stop: int) -> torch.Tensor:

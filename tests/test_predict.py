@@ -73,11 +73,15 @@ def test_bad_files_are_reported_and_the_others_still_predicted(tmp_path):
     empty.write_bytes(b"")
     text = tmp_path / "notes.wav"
     text.write_text("not audio")
-    results = predictor().predict([tmp_path / "missing.wav", good, empty, text])
+    truncated = tmp_path / "truncated.wav"
+    sf.write(truncated, np.full(3 * SR, 0.5, dtype=np.float32), SR, subtype="PCM_16")
+    truncated.write_bytes(truncated.read_bytes()[: 44 + 2 * SR])  # header + 1 s of the 3 s it declares
+    results = predictor().predict([tmp_path / "missing.wav", good, empty, text, truncated])
     assert "no such file" in results[0].error
     assert results[1].error is None and results[1].top[0][0] == "loud"
     assert "empty file" in results[2].error
     assert "cannot decode" in results[3].error
+    assert "truncated" in results[4].error
     assert results[0].to_dict() == {"source": str(tmp_path / "missing.wav"), "error": results[0].error}
 
 
