@@ -20,12 +20,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from audioclf.errors import ManifestError
+from audioclf.layouts import AUDIO_EXTENSIONS
 
 __all__ = ["DatasetSpec", "DATASETS", "download_dataset", "count_audio_files", "default_fsdd_dir"]
 
 log = logging.getLogger(__name__)
 
-AUDIO_SUFFIXES = {".wav", ".flac", ".ogg", ".mp3", ".au"}
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,8 @@ def default_fsdd_dir() -> Path | None:
 
 
 def count_audio_files(folder: Path) -> int:
-    return sum(1 for p in folder.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES)
+    """Audio files (by extension) at any depth below ``folder``."""
+    return sum(1 for p in Path(folder).rglob("*") if p.suffix.lower() in AUDIO_EXTENSIONS)
 
 
 def _manual_hint(spec: DatasetSpec, dest: Path) -> str:
@@ -138,9 +139,13 @@ def download_dataset(spec: DatasetSpec, dest: str | Path, url: str | None = None
         if n != spec.n_files:
             raise ManifestError(f"{url}: the archive holds {n} audio files, {spec.title} has {spec.n_files}; "
                                 "the download is incomplete or not the official release")
-        if dest.exists():
-            dest.rmdir()  # empty, checked above
-        os.replace(root, dest)
+        try:
+            if dest.exists():
+                dest.rmdir()  # empty, checked above; fails if something appeared since
+            os.replace(root, dest)
+        except OSError as e:
+            raise ManifestError(f"{dest}: could not move the verified download into place ({e}); "
+                                "was it created meanwhile? Nothing there was changed") from None
         log.info("downloaded %s to %s (%d audio files)", spec.title, dest, n)
         return dest
     finally:

@@ -106,7 +106,8 @@ def _parser(spec: RecipeSpec, doc: str) -> argparse.ArgumentParser:
                    help="number of folds (with official folds: only with --quick, folds to join them into)")
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--backbone", default=None, help="override the preset's timm backbone")
-    p.add_argument("--pretrained", default=None, help="'timm' or a local weights file")
+    p.add_argument("--pretrained", default=None,
+                   help="'timm' (downloads ImageNet weights), a local weights file, or 'none' (random init)")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None)
@@ -222,6 +223,8 @@ def _run_config(spec: RecipeSpec, presets: dict, quick: dict, args) -> RunConfig
     for (section, name), value in overrides.items():
         if value is not None:
             sections.setdefault(section, {})[name] = value
+    if args.pretrained == "none":
+        sections["model"]["pretrained"] = None
     if args.k is not None and spec.protocol == "official-split":
         raise ConfigError(f"--k does not apply to {spec.dataset}: its protocol is the official train/validation/"
                           "test split")

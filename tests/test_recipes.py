@@ -303,3 +303,14 @@ def test_download_never_replaces_an_existing_copy(tmp_path, monkeypatch):
 def test_url_without_download(tmp_path):
     msg = _error("gtzan", ["--data-dir", str(tmp_path), "--url", "file:///x.zip"])
     assert "--url is the address to --download from; pass --download with it" in msg
+
+
+def test_settings_come_from_the_preset_then_quick_then_the_options():
+    spec, presets, quick = recipe.load_recipe(REPO / "recipes" / "esc50.toml")
+    argv = ["--preset", "gpu", "--quick", "--backbone", "test_resnet", "--pretrained", "none", "--seed", "7"]
+    cfg = recipe._run_config(spec, presets, quick, recipe._parser(spec, "").parse_args(argv))
+    assert cfg.audio.sample_rate == presets["gpu"]["audio"]["sample_rate"]  # preset
+    assert cfg.audio.clip_seconds == quick["audio"]["clip_seconds"] != presets["gpu"]["audio"]["clip_seconds"]
+    assert (cfg.train.epochs, cfg.cv.k) == (spec.quick_epochs, spec.quick_k)  # [quick]
+    assert (cfg.model.backbone, cfg.model.pretrained) == ("test_resnet", None)  # options
+    assert cfg.train.seed == cfg.cv.seed == 7
