@@ -115,6 +115,14 @@ def _torch_threads(n: int) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
+def _blas_threads(n: int) -> contextlib.AbstractContextManager:
+    try:
+        from threadpoolctl import threadpool_limits  # installed with scikit-learn
+    except ImportError:
+        return contextlib.nullcontext()
+    return threadpool_limits(n, user_api="blas")
+
+
 def _test_batch(s: BenchSettings) -> torch.Tensor:
     """(B, N) noise with a different level per clip, so top_db matters: float32 in [-1, 1]."""
     gen = torch.Generator().manual_seed(s.seed)
@@ -142,8 +150,12 @@ def bench_logmel(s: BenchSettings) -> list[BenchRow]:
                                                pad_mode="constant", **kw)
     to_db = torchaudio.transforms.AmplitudeToDB("power", top_db=80.0)
     logmel = LogMel(s.sample_rate, **kw)
-    t_ref = _median_time(run_librosa, s.repeats)
-    rows = [BenchRow("logmel", "librosa, clip by clip (reference)", t_ref, s.batch_size)]
+    # One BLAS thread for librosa's mel product: as fast as two on a quiet machine, and it
+    # keeps the reference from collapsing (and inflating every ratio) on a busy one.
+    with _blas_threads(1):
+        t_ref = _median_time(run_librosa, s.repeats)
+    rows = [BenchRow("logmel", "librosa, clip by clip (reference)", t_ref, s.batch_size,
+                     note="1 BLAS thread")]
 
     def add(method: str, fn: Callable[[], torch.Tensor], sync=lambda: None, note: str = "") -> None:
         with torch.inference_mode():
