@@ -314,3 +314,10 @@ def test_settings_come_from_the_preset_then_quick_then_the_options():
     assert (cfg.train.epochs, cfg.cv.k) == (spec.quick_epochs, spec.quick_k)  # [quick]
     assert (cfg.model.backbone, cfg.model.pretrained) == ("test_resnet", None)  # options
     assert cfg.train.seed == cfg.cv.seed == 7
+
+
+def test_data_dir_that_is_a_file(tmp_path):
+    (tmp_path / "gtzan.zip").write_bytes(b"PK")
+    msg = _error("gtzan", ["--data-dir", str(tmp_path / "gtzan.zip")])
+    assert "gtzan.zip: is not a folder; expected GTZAN genre collection in its official layout" in msg
+    assert "Pass --download to fetch it, or get it from http://marsyas.info" in msg
