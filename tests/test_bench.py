@@ -86,3 +86,12 @@ def test_fast_logmel_equals_plain_torchaudio(power):
     # AmplitudeToDB("power") takes 10 log10 whatever the exponent, like LogMel and power_to_db.
     reference = torchaudio.transforms.AmplitudeToDB("power", top_db=80.0)(mel(x[:, None]))
     torch.testing.assert_close(logmel(x), reference, atol=2e-3, rtol=0)
+
+
+def test_bench_command_module_imports_no_heavy_package():
+    import subprocess
+    import sys
+
+    code = "import sys, audioclf.commands.bench; print(sorted({'torch', 'librosa'} & set(sys.modules)))"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "[]"
