@@ -202,9 +202,10 @@ def _resolve_data_dir(spec: RecipeSpec, args) -> Path:
     if args.download:
         return download_dataset(dataset, data_dir, url=args.url)
     state = "does not exist" if not data_dir.exists() else "is empty" if data_dir.is_dir() else "is not a folder"
+    fetch = (f"Pass --download to fetch it, or get it from {dataset.url}" if dataset.url
+             else f"Download it by hand from {dataset.homepage}")
     raise ManifestError(f"{data_dir}: {state}; expected {dataset.title} in its official layout "
-                        f"({data_dir / dataset.marker}). Pass --download to fetch it, or get it from "
-                        f"{dataset.url or dataset.homepage}")
+                        f"({data_dir / dataset.marker}). {fetch}")
 
 
 def _run_config(spec: RecipeSpec, presets: dict, quick: dict, args) -> RunConfig:
