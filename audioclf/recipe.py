@@ -147,13 +147,14 @@ def main(recipe_file: str | Path, argv: list[str] | None = None, doc: str = "") 
     except KeyboardInterrupt:
         print(f"{recipe_file.stem}: interrupted", file=sys.stderr)
         return 130
-    print(text)
+    if text:
+        print(text)
     return 0
 
 
 def run_recipe(spec: RecipeSpec, presets: dict, quick: dict, args: argparse.Namespace,
                command: str | None = None) -> str:
-    """Prepare the data, run the protocol, and return the headline text.
+    """Prepare the data, run the protocol, and return the headline text ("" off rank 0).
 
     Raises:
         ManifestError: the data folder is missing, empty, in the wrong layout or incomplete,
@@ -173,6 +174,8 @@ def run_recipe(spec: RecipeSpec, presets: dict, quick: dict, args: argparse.Name
     log.info("%s: %s, preset %s%s", spec.dataset, manifest.summary(), _preset_name(args),
              " (quick)" if args.quick else "")
     result = _run_protocol(spec, manifest, cfg, args, command)
+    if result.report is None:  # under torchrun, rank 0 merges and reports; the others stay quiet
+        return ""
     return headline(spec.dataset, result.report, result.bundle_dir, (time.time() - started) / 60)
 
 
