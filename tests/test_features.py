@@ -21,15 +21,15 @@ from audioclf.features import LogMel, compute_normalization_stats, mel_filterban
 SR = 16000
 
 
-def _signals(n: int = SR) -> torch.Tensor:
-    """Four 1 s clips with very different spectra and levels: (4, n) float32."""
+def _signals(n: int = SR // 2) -> torch.Tensor:
+    """Four 0.5 s clips with very different spectra and levels: (4, n) float32."""
     t = np.arange(n) / SR
     rng = np.random.default_rng(0)
     clips = [
         0.5 * np.sin(2 * np.pi * 440 * t),  # pure tone: deep spectral valleys
         0.3 * np.sin(2 * np.pi * (200 + 3000 * t) * t) + 1e-3 * rng.standard_normal(n),  # chirp
         1e-4 * rng.standard_normal(n),  # quiet noise
-        np.where(t < 0.5, 0.8 * np.sin(2 * np.pi * 3000 * t), 0.0),  # tone, then silence
+        np.where(t < t[-1] / 2, 0.8 * np.sin(2 * np.pi * 3000 * t), 0.0),  # tone, then silence
     ]
     return torch.tensor(np.stack(clips), dtype=torch.float32)
 
@@ -246,7 +246,7 @@ def test_cpu_banded_projection_equals_the_dense_path(power):
     x = _signals()
     logmel = LogMel(SR, n_mels=64, power=power)
     banded, dense = logmel._mel_banded(x), logmel._mel_dense(x)
-    assert banded.shape == dense.shape == (4, 64, logmel.num_frames(SR))
+    assert banded.shape == dense.shape == (4, 64, logmel.num_frames(x.shape[1]))
     torch.testing.assert_close(banded, dense, rtol=1e-4, atol=1e-6 * float(dense.max()))
 
 
