@@ -24,7 +24,7 @@ from typing import Any
 from audioclf._io import write_text_atomic
 from audioclf.errors import ConfigError
 
-__all__ = ["RUN_FILES", "STATE_FILE", "claim_out_dir", "check_same_run", "write_metrics_csv",
+__all__ = ["RUN_FILES", "STATE_FILE", "check_out_dir", "claim_out_dir", "check_same_run", "write_metrics_csv",
            "METRIC_COLUMNS"]
 
 logger = logging.getLogger(__name__)
@@ -39,13 +39,14 @@ RESUMABLE_CHANGES = {("train", "epochs"), ("train", "early_stopping_patience"),
                      ("train", "num_workers"), ("train", "device"), ("train", "compile")}
 
 
-def claim_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
-    """Decide what to do with ``out_dir``; returns the state file to resume from, or None.
+def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """Whether ``out_dir`` may be used, without touching it; returns the state file to resume from.
 
     Raises:
         ConfigError: the folder holds a run and neither ``resume`` nor ``overwrite`` is
             set; or ``resume`` is set, the folder holds a run, but it has no resume state.
     """
+    out_dir = Path(out_dir)
     if resume and overwrite:
         raise ConfigError("resume and overwrite exclude each other: pick one")
     if out_dir.exists() and not out_dir.is_dir():
@@ -58,12 +59,23 @@ def claim_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
         if found:
             raise ConfigError(f"{out_dir}: holds a run ({', '.join(found)}) without a resume state "
                               f"({STATE_FILE}); pass --overwrite to replace it")
-        logger.info("%s: nothing to resume; starting a new run", out_dir)
         return None
     if found and not overwrite:
         raise ConfigError(f"{out_dir}: already holds a run ({', '.join(found)}); pass --resume to "
                           "continue it or --overwrite to replace it")
-    if found:
+    return None
+
+
+def claim_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
+    """:func:`check_out_dir`, then make the folder ready: removes an old run's files when
+    ``overwrite`` is set. Returns the state file to resume from, or None."""
+    state = check_out_dir(out_dir, resume, overwrite)
+    if state is not None:
+        return state
+    if resume:
+        logger.info("%s: nothing to resume; starting a new run", out_dir)
+    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    if found:  # only reachable with overwrite
         logger.info("%s: replacing the run found there (--overwrite)", out_dir)
         for name in found:
             (out_dir / name).unlink()

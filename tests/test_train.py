@@ -256,3 +256,89 @@ def test_predict_proba_matches_the_model_in_eval_mode():
     np.testing.assert_allclose(probs, expected, rtol=1e-4, atol=1e-6)
     bare = [w for w, _ in data.items]  # waveforms without labels
     np.testing.assert_allclose(predict_proba(model, bare, batch_size=4), probs, rtol=1e-5, atol=1e-7)
+
+
+# --- real data -------------------------------------------------------------------------
+
+
+def test_short_fsdd_run_beats_chance_by_a_wide_margin(tmp_path, fsdd_dir):
+    from audioclf.data import ClipDataset, WaveformCache
+    from audioclf.manifest import read_manifest
+    from synth import write_fsdd_slice
+
+    manifest = read_manifest(write_fsdd_slice(fsdd_dir, tmp_path / "fsdd.csv", takes=range(4)), root=fsdd_dir)
+    take = np.array([int(r.path.rsplit("_", 1)[1].split(".")[0]) for r in manifest.records])
+    train_idx, val_idx = np.flatnonzero(take < 3), np.flatnonzero(take == 3)  # 180 / 60 clips
+    cfg = RunConfig(audio=AudioConfig(sample_rate=8000, clip_seconds=0.8),
+                    features=FeatureConfig(n_fft=256, hop_length=80, n_mels=40),
+                    augment=AugmentConfig(freq_masks=0, time_masks=0, mixup_alpha=0.0),
+                    model=ModelConfig(backbone="test_resnet", drop_rate=0.1),
+                    train=TrainConfig(epochs=8, batch_size=16, lr=3e-3, swa_start=6, warmup_epochs=0,
+                                      device="cpu"))
+    cache = WaveformCache(manifest, 8000, tmp_path / "cache").build()
+    y = manifest.targets()
+
+    def dataset(idx, train):
+        return ClipDataset(cache, idx, y[idx], cfg.audio.clip_samples, train=train)
+
+    model = build_model(cfg, 10)
+    result = fit(model, dataset(train_idx, True), dataset(val_idx, False), cfg, tmp_path / "run",
+                 label_names=manifest.labels.names)
+    chosen = result.swa_metric if result.chosen == "swa" else result.best_metric
+    assert chosen >= 0.5  # chance is 0.1
+    probs = predict_proba(model, dataset(val_idx, False), batch_size=32)
+    assert (probs.argmax(1) == y[val_idx]).mean() == pytest.approx(chosen)  # fit kept that model
+
+
+# --- command line ----------------------------------------------------------------------
+
+
+CLI_OPTIONS = ["--backbone", "test_resnet", "--sample-rate", "8000", "--clip-seconds", "0.5",
+               "--n-fft", "256", "--hop-length", "64", "--n-mels", "32", "--device", "cpu",
+               "--batch-size", "8", "--no-swa"]
+
+
+@pytest.fixture(scope="module")
+def tone_manifest(tmp_path_factory):
+    from synth import write_tone_dataset
+
+    return write_tone_dataset(tmp_path_factory.mktemp("tones"), n_per_class=6)
+
+
+def test_cli_trains_and_says_where_the_model_went(tmp_path, tone_manifest, capsys):
+    from audioclf.cli import main
+
+    out = tmp_path / "run"
+    code = main(["train", "--manifest", str(tone_manifest), "--out", str(out), "--epochs", "2",
+                 "--cache-dir", str(tmp_path / "cache"), *CLI_OPTIONS])
+    printed = capsys.readouterr().out
+    assert code == 0
+    assert f"model: {out / 'model.safetensors'}" in printed and "validation accuracy:" in printed
+    model, meta = load_checkpoint(out)
+    assert meta["label_names"] == ["high", "low", "mid"] and meta["config"]["train"]["epochs"] == 2
+    code = main(["train", "--manifest", str(tone_manifest), "--out", str(out), *CLI_OPTIONS])
+    assert code == 2 and "already holds a run" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("rows, extra, message", [
+    ("path,label\na.wav,dog\nb.wav,dog\n", [], "a classifier needs at least 2 classes"),
+    ("path,label\na.wav,dog\nb.wav,cat\n", ["--val-fold", "1"], "--val-fold 1 needs a fold column"),
+    ("path,label,fold\na.wav,dog,1\nb.wav,cat,1\n", ["--val-fold", "1"], "the training split is empty"),
+    ("path,label,fold\na.wav,dog,1\nb.wav,cat,2\n", ["--val-fold", "3"],
+     r"no row has fold 3; the folds are \[1, 2\]"),
+])
+def test_cli_bad_splits_fail_in_one_line(tmp_path, capsys, rows, extra, message):
+    import re
+
+    import soundfile as sf
+
+    from audioclf.cli import main
+
+    for name in ("a.wav", "b.wav"):
+        sf.write(tmp_path / name, tone(440.0, 0.3, SR), SR)
+    (tmp_path / "m.csv").write_text(rows)
+    code = main(["train", "--manifest", str(tmp_path / "m.csv"), "--out", str(tmp_path / "run"),
+                 *extra, *CLI_OPTIONS])
+    err = capsys.readouterr().err
+    assert code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1
+    assert not (tmp_path / "run").exists()
