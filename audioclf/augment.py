@@ -70,6 +70,11 @@ class SpecAugment(nn.Module):
 
     Raises:
         ValueError: an argument is out of range (the message quotes it).
+
+    Example:
+        >>> aug = SpecAugment(freq_masks=2, freq_mask_width=8, generator=torch.Generator().manual_seed(0))
+        >>> aug(torch.randn(4, 1, 64, 100)).shape  # training mode: masked; eval mode: unchanged
+        torch.Size([4, 1, 64, 100])
     """
 
     def __init__(self, freq_masks: int = 2, freq_mask_width: int = 16, time_masks: int = 2,
@@ -159,6 +164,14 @@ class MixUp:
 
     Raises:
         ValueError: an argument is out of range (the message quotes it).
+
+    Example:
+        >>> mixup = MixUp(alpha=0.4, num_classes=3)
+        >>> x, y = mixup(torch.randn(4, 1, 64, 100), torch.tensor([0, 1, 2, 0]))
+        >>> y.sum(dim=1)  # soft targets
+        tensor([1., 1., 1., 1.])
+        >>> params = mixup.draw(4)  # or draw once and apply where the batch is ready
+        >>> mixed = mixup.apply(torch.randn(4, 16000), params)
     """
 
     def __init__(self, alpha: float = 0.4, num_classes: int | None = None, per_example: bool = False,
@@ -166,6 +179,7 @@ class MixUp:
         _require(alpha >= 0, "alpha", alpha, ">= 0 (0 disables mixing)")
         _require(num_classes is None or (_is_int(num_classes) and num_classes >= 1), "num_classes",
                  num_classes, "a positive integer or None")
+        _require(isinstance(per_example, bool), "per_example", per_example, "True or False")
         _require(0.0 <= p <= 1.0, "p", p, "in [0, 1]")
         self.alpha, self.num_classes, self.per_example = float(alpha), num_classes, per_example
         self.p, self.generator = p, generator
