@@ -217,8 +217,9 @@ def test_fold_fan_out_in_two_processes_then_merge_matches_one_run(tone_run, tmp_
     data = result.out_dir.parent / "data"
     base = [sys.executable, "-m", "audioclf", "cv", "--manifest", str(data / "cv.csv"), "--data-root", str(data),
             "--test-manifest", str(data / "test.csv"), "--out", str(out), "--config", str(config), "--no-swa"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two jobs side by side: one thread each
     jobs = [subprocess.Popen(base + ["--folds", folds], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=os.environ.copy()) for folds in ("0", "1")]
+                             env=env) for folds in ("0", "1")]
     for job in jobs:
         _, err = job.communicate(timeout=300)
         assert job.returncode == 0, err
