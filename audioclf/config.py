@@ -205,8 +205,7 @@ class TrainConfig:
         _check(0 < self.plateau_factor < 1, "plateau_factor", self.plateau_factor, "in (0, 1)")
         if self.plateau_patience is not None:
             _check(self.plateau_patience >= 0, "plateau_patience", self.plateau_patience, ">= 0")
-        _check(0 <= self.warmup_epochs < self.epochs or self.warmup_epochs == 0, "warmup_epochs",
-               self.warmup_epochs, f"in [0, epochs={self.epochs})")
+        _check(self.warmup_epochs >= 0, "warmup_epochs", self.warmup_epochs, ">= 0")
         if self.early_stopping_patience is not None:
             _check(self.early_stopping_patience >= 1, "early_stopping_patience",
                    self.early_stopping_patience, ">= 1")

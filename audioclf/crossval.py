@@ -97,7 +97,8 @@ def inner_split(manifest, indices: np.ndarray, val_fraction: float, seed: int = 
     stratified. Both returned arrays are sorted subsets of ``indices``.
 
     Raises:
-        ManifestError: fewer than two groups among ``indices``.
+        ManifestError: fewer than two groups among ``indices``, or (without groups) a label
+            with a single clip.
     """
     from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
@@ -116,7 +117,12 @@ def inner_split(manifest, indices: np.ndarray, val_fraction: float, seed: int = 
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
         fit, val = next(splitter.split(x, targets, sub_groups))
     else:
-        n_splits = min(n_splits, len(indices))
+        labels, counts = np.unique(targets, return_counts=True)
+        if counts.min() < 2:
+            rare = manifest.labels.decode(int(labels[counts.argmin()]))
+            raise ManifestError(f"label {rare!r} has a single clip in the training folds; a stratified "
+                                "inner validation split needs at least 2 per label (add clips or lower --k)")
+        n_splits = min(n_splits, int(counts.min()))
         fit, val = next(StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, targets))
     if abs(len(val) / len(indices) - val_fraction) > 0.05:
         log.info("inner validation split: %d of %d clips (%.0f%%; %.0f%% asked, whole groups only)",

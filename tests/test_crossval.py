@@ -93,6 +93,15 @@ def test_inner_split_is_grouped_and_inside_the_training_folds():
     assert set(m.targets()[val]) == {0, 1}
 
 
+def test_inner_split_without_groups_adapts_to_small_classes_and_names_a_single_clip():
+    m = make_manifest(n_per_label=4)
+    rows = np.array([0, 1, 4, 5, 8, 9])  # two clips of each label: at most 2 stratified splits
+    fit, val = inner_split(m, rows, val_fraction=0.15, seed=0)
+    assert sorted(m.targets()[val].tolist()) == [0, 1, 2]  # one clip per label held out
+    with pytest.raises(ManifestError, match="label 'c' has a single clip"):
+        inner_split(m, np.array([0, 1, 4, 5, 8]), val_fraction=0.15)
+
+
 def test_fold_plans_never_select_on_the_held_out_fold():
     m = make_manifest(n_per_label=12, n_groups=6)
     cfg = RunConfig().replace(cv={"k": 3}, train={"val_fraction": 0.2})
