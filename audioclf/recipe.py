@@ -324,7 +324,7 @@ def headline(dataset: str, report: dict, bundle_dir: Path, minutes: float) -> st
     lines = [f"{dataset}: done in {minutes:.1f} min ({report['n_folds']} fold model(s), "
              f"{report['n_clips']} scored clips, {len(report['labels'])} labels)"]
     for variant, scores in oof.items():
-        name = "no TTA" if variant == "single" else f"TTA, {variant.removeprefix('tta-')} mean"
+        name = "no TTA" if variant == "single" else _variant_name(variant)
         m, s = scores["mean"], scores["std"]
         if report["protocol"] == "k-fold":
             lines.append(f"single fold models, out-of-fold ({name}): accuracy {m['accuracy']:.4f} ± "
@@ -334,13 +334,23 @@ def headline(dataset: str, report: dict, bundle_dir: Path, minutes: float) -> st
                          f"macro-F1 {m['macro_f1']:.4f}")
     test = report.get("ensemble_test")
     if test:
-        rule = report["selection"]["rule"]
-        key = f"tta-{rule}" if f"tta-{rule}" in test["scores"] else rule
-        t = test["scores"][key]
-        lines.append(f"ensemble of {test['n_models']} models ({key}) on {test['n_clips']} held-out test clips: "
-                     f"accuracy {t['accuracy']:.4f}, macro-F1 {t['macro_f1']:.4f}")
+        chosen = test["chosen"]
+        t = test["scores"][chosen]
+        lines.append(f"ensemble of {test['n_models']} models on {test['n_clips']} held-out test clips "
+                     f"(bundle runs {_variant_name(chosen)}): accuracy {t['accuracy']:.4f}, "
+                     f"macro-F1 {t['macro_f1']:.4f}")
+        others = [f"{_variant_name(k)} {v['accuracy']:.4f}" for k, v in test["scores"].items() if k != chosen]
+        if others:
+            lines.append("  other averaging rules on the same clips (accuracy): " + ", ".join(others))
     elif report["protocol"] == "k-fold":
         lines.append("ensemble: not scored (this protocol has no held-out test set; every clip trained all "
                      "fold models but one); score it with `audioclf evaluate` on other clips")
     lines += [f"report: {Path(bundle_dir) / 'report.md'}", f"bundle: {bundle_dir}"]
     return "\n".join(lines)
+
+
+def _variant_name(key: str) -> str:
+    """'tta-geometric' -> 'TTA, geometric mean'; 'arithmetic' -> 'arithmetic mean, no TTA'."""
+    if key.startswith("tta-"):
+        return f"TTA, {key.removeprefix('tta-')} mean"
+    return "no TTA" if key == "single" else f"{key} mean, no TTA"
