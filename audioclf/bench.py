@@ -1,12 +1,13 @@
 """Throughput of each pipeline stage on this machine, against a reference measured in the same run.
 
 Each stage is a function ``bench_<stage>(settings) -> list[BenchRow]`` registered in
-:data:`STAGES`; its first row is the reference (ratio 1.0) and the others are compared
-with it. To add a stage (data loading, model forward), write one such function and add
-it to ``STAGES``: :func:`run_benchmarks` and :func:`format_table` need no change.
+:data:`STAGES`; it lists :class:`Method` s, the first being the reference, and hands them
+to :func:`measure`. To add a stage (data loading, model forward), write one such function
+and add it to ``STAGES``: :func:`run_benchmarks` and :func:`format_table` need no change.
 
-Times are the median of ``repeats`` runs after one warm-up run, because the machine is
-usually shared; ratios are more stable than absolute figures.
+The machine is usually shared, so :func:`measure` times the methods in rounds (each
+method once per round, after one warm-up run) and reports the median over rounds of the
+per-round ratio to the reference, which is far steadier than absolute figures.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import math
 import statistics
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from dataclasses import dataclass
 
 import numpy as np
@@ -25,7 +27,8 @@ import torch
 from audioclf.errors import ConfigError
 from audioclf.features import LogMel
 
-__all__ = ["BenchSettings", "BenchRow", "STAGES", "run_benchmarks", "format_table", "bench_logmel"]
+__all__ = ["BenchSettings", "BenchRow", "Method", "measure", "STAGES", "run_benchmarks", "format_table",
+           "bench_logmel"]
 
 log = logging.getLogger(__name__)
 
@@ -93,16 +96,43 @@ class BenchRow:
         return self.items / self.seconds if self.seconds > 0 else math.inf
 
 
-def _median_time(fn: Callable[[], object], repeats: int, sync: Callable[[], None] = lambda: None) -> float:
-    fn()  # warm-up: allocations, caches, lazy initialisation
-    sync()
-    times = []
+@dataclass(frozen=True)
+class Method:
+    """One way to compute a stage: ``run()`` does the whole batch and returns its output."""
+
+    name: str
+    run: Callable[[], Any]
+    note: str = ""
+    sync: Callable[[], None] = lambda: None  # e.g. torch.cuda.synchronize
+
+
+def measure(stage: str, methods: list[Method], items: int, repeats: int,
+            difference: Callable[[Any, Any], float] | None = None) -> list[BenchRow]:
+    """Time ``methods`` (the first is the reference) and compare their outputs with it.
+
+    Each round times every method once, so all of them see the same machine load; a
+    method's ratio is the median over rounds of (reference time / its time), and its
+    ``seconds`` the median of its times. ``difference(output, reference_output)`` fills
+    ``max_abs_diff``.
+    """
+    outputs = []
+    for method in methods:  # warm-up: allocations, caches, lazy initialisation
+        outputs.append(method.run())
+        method.sync()
+    times: list[list[float]] = [[] for _ in methods]
     for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for method, spent in zip(methods, times):
+            start = time.perf_counter()
+            method.run()
+            method.sync()
+            spent.append(time.perf_counter() - start)
+    rows = []
+    for i, (method, spent) in enumerate(zip(methods, times)):
+        ratio = statistics.median(ref / t for ref, t in zip(times[0], spent))
+        diff = difference(outputs[i], outputs[0]) if difference and i > 0 else None
+        rows.append(BenchRow(stage, method.name, statistics.median(spent), items, ratio=ratio,
+                             max_abs_diff=diff, note=method.note))
+    return rows
 
 
 @contextlib.contextmanager
@@ -113,6 +143,13 @@ def _torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(saved)
+
+
+def _with_torch_threads(n: int, fn: Callable[[], Any]) -> Callable[[], Any]:
+    def run():
+        with _torch_threads(n):
+            return fn()
+    return run
 
 
 def _blas_threads(n: int) -> contextlib.AbstractContextManager:
@@ -137,44 +174,38 @@ def bench_logmel(s: BenchSettings) -> list[BenchRow]:
     import torchaudio
 
     x = _test_batch(s)
-    xs = x.numpy()
     kw = dict(n_fft=s.n_fft, hop_length=s.hop_length, n_mels=s.n_mels)
-    ref = np.empty(0)
 
-    def run_librosa():
-        nonlocal ref
-        ref = np.stack([librosa.power_to_db(librosa.feature.melspectrogram(
-            y=clip, sr=s.sample_rate, pad_mode="constant", **kw), ref=1.0, top_db=80.0) for clip in xs])
+    def run_librosa() -> np.ndarray:  # (B, n_mels, T)
+        return np.stack([librosa.power_to_db(librosa.feature.melspectrogram(
+            y=clip, sr=s.sample_rate, pad_mode="constant", **kw), ref=1.0, top_db=80.0)
+            for clip in x.numpy()])
 
     mel = torchaudio.transforms.MelSpectrogram(s.sample_rate, norm="slaney", mel_scale="slaney",
                                                pad_mode="constant", **kw)
     to_db = torchaudio.transforms.AmplitudeToDB("power", top_db=80.0)
     logmel = LogMel(s.sample_rate, **kw)
+    threads = f"{torch.get_num_threads()} torch threads"
+    methods = [
+        Method("librosa, clip by clip (reference)", run_librosa, "1 BLAS thread"),
+        Method("torchaudio MelSpectrogram + AmplitudeToDB, batched", lambda: to_db(mel(x[:, None])), threads),
+        Method("audioclf LogMel, CPU", lambda: logmel(x), threads),
+    ]
+    if torch.get_num_threads() > 1:
+        methods.append(Method("audioclf LogMel, CPU, one thread", _with_torch_threads(1, lambda: logmel(x)),
+                              "1 torch thread"))
+    if s.use_cuda():
+        gpu, xg = LogMel(s.sample_rate, **kw).to("cuda"), x.to("cuda")
+        methods.append(Method("audioclf LogMel, CUDA", lambda: gpu(xg), torch.cuda.get_device_name(),
+                              torch.cuda.synchronize))
+
+    def difference(out, ref: np.ndarray) -> float:  # dB
+        return float(np.abs(out[:, 0].float().cpu().numpy() - ref).max())
+
     # One BLAS thread for librosa's mel product: as fast as two on a quiet machine, and it
     # keeps the reference from collapsing (and inflating every ratio) on a busy one.
-    with _blas_threads(1):
-        t_ref = _median_time(run_librosa, s.repeats)
-    rows = [BenchRow("logmel", "librosa, clip by clip (reference)", t_ref, s.batch_size,
-                     note="1 BLAS thread")]
-
-    def add(method: str, fn: Callable[[], torch.Tensor], sync=lambda: None, note: str = "") -> None:
-        with torch.inference_mode():
-            t = _median_time(fn, s.repeats, sync)
-            diff = float(np.abs(fn()[:, 0].float().cpu().numpy() - ref).max())
-        rows.append(BenchRow("logmel", method, t, s.batch_size, ratio=t_ref / t, max_abs_diff=diff,
-                             note=note))
-
-    threads = f"{torch.get_num_threads()} torch threads"
-    add("torchaudio MelSpectrogram + AmplitudeToDB, batched", lambda: to_db(mel(x[:, None])), note=threads)
-    add("audioclf LogMel, CPU", lambda: logmel(x), note=threads)
-    if torch.get_num_threads() > 1:
-        with _torch_threads(1):
-            add("audioclf LogMel, CPU, one thread", lambda: logmel(x), note="1 torch thread")
-    if s.use_cuda():
-        gpu, xg = logmel.to("cuda"), x.to("cuda")
-        add("audioclf LogMel, CUDA", lambda: gpu(xg), torch.cuda.synchronize,
-            note=torch.cuda.get_device_name())
-    return rows
+    with _blas_threads(1), torch.inference_mode():
+        return measure("logmel", methods, s.batch_size, s.repeats, difference)
 
 
 STAGES: dict[str, Callable[[BenchSettings], list[BenchRow]]] = {
