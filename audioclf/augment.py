@@ -72,7 +72,8 @@ class SpecAugment(nn.Module):
         ValueError: an argument is out of range (the message quotes it).
 
     Example:
-        >>> aug = SpecAugment(freq_masks=2, freq_mask_width=8, generator=torch.Generator().manual_seed(0))
+        >>> gen = torch.Generator().manual_seed(0)
+        >>> aug = SpecAugment(freq_masks=2, freq_mask_width=8, generator=gen)
         >>> aug(torch.randn(4, 1, 64, 100)).shape  # training mode: masked; eval mode: unchanged
         torch.Size([4, 1, 64, 100])
     """
@@ -124,7 +125,7 @@ class SpecAugment(nn.Module):
         return (mask & chosen[:, None, None]).unsqueeze(1)  # (B, 1, F, T)
 
     def apply(self, x: Tensor, mask: Tensor) -> Tensor:
-        """Fill ``x`` where ``mask`` is True: (B, C, F, T) with a (B, 1|C, F, T) mask -> (B, C, F, T)."""
+        """Fill ``x`` where ``mask`` is True: (B, C, F, T), mask (B, 1|C, F, T) -> (B, C, F, T)."""
         if self.mask_value == "mean":
             fill = x.mean(dim=(1, 2, 3), keepdim=True)  # (B, 1, 1, 1)
         else:
@@ -137,7 +138,8 @@ class SpecAugment(nn.Module):
         Identity in eval mode.
         """
         if x.ndim != 4:
-            raise ValueError(f"SpecAugment expects (B, C, F, T) spectrograms, got shape {tuple(x.shape)}")
+            raise ValueError(f"SpecAugment expects (B, C, F, T) spectrograms, "
+                             f"got shape {tuple(x.shape)}")
         if not self.training or x.shape[0] == 0:
             return x
         return self.apply(x, self.draw(x.shape[0], x.shape[2], x.shape[3], x.device))
@@ -201,7 +203,7 @@ class MixUp:
         # Beta has no torch.Generator interface: seed numpy's from ours so the draw replays.
         seed = int(torch.randint(0, 2**62, (1,), generator=self.generator, device=where))
         lam = np.random.default_rng(seed).beta(self.alpha, self.alpha, n) if self.alpha > 0 else np.ones(n)
-        lam = torch.as_tensor(lam, dtype=torch.float32)
+        lam = torch.as_tensor(lam, dtype=torch.float32)  # (1,) per batch or (B,) per example
         mixed = torch.rand(n, generator=self.generator, device=where).cpu() < self.p
         lam = torch.where(mixed, lam, torch.ones_like(lam)).expand(batch_size).clone()
         return MixParams(lam=lam.to(device), index=index.to(device))
@@ -233,7 +235,7 @@ class MixUp:
         return lam * y + (1 - lam) * y[params.index.to(y.device)]
 
     def __call__(self, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        """Mix a batch: x (B, ...), y (B,) labels or (B, K) -> (x_mixed (B, ...), soft targets (B, K))."""
+        """Mix a batch: x (B, ...), y (B,) labels or (B, K) -> (mixed x (B, ...), targets (B, K))."""
         params = self.draw(x.shape[0], x.device)
         return self.apply(x, params), self.mix_targets(y, params)
 
@@ -259,7 +261,8 @@ def time_shift(x: Tensor, shift: int | Tensor, mode: str = "circular") -> Tensor
             return torch.roll(x, int(shift), dims=-1)
         shift = torch.full((x.shape[0],), int(shift))
     if shift.shape != (x.shape[0],):
-        raise ValueError(f"shift must be an int or have shape (B,)=({x.shape[0]},), got {tuple(shift.shape)}")
+        raise ValueError(f"shift must be an int or have shape (B,)=({x.shape[0]},), "
+                         f"got {tuple(shift.shape)}")
     source = torch.arange(length, device=x.device) - shift.to(x.device).long()[:, None]  # (B, L)
     if mode == "circular":
         source = source % length

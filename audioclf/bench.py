@@ -188,12 +188,13 @@ def bench_logmel(s: BenchSettings) -> list[BenchRow]:
     threads = f"{torch.get_num_threads()} torch threads"
     methods = [
         Method("librosa, clip by clip (reference)", run_librosa, "1 BLAS thread"),
-        Method("torchaudio MelSpectrogram + AmplitudeToDB, batched", lambda: to_db(mel(x[:, None])), threads),
+        Method("torchaudio MelSpectrogram + AmplitudeToDB, batched", lambda: to_db(mel(x[:, None])),
+               threads),
         Method("audioclf LogMel, CPU", lambda: logmel(x), threads),
     ]
     if torch.get_num_threads() > 1:
-        methods.append(Method("audioclf LogMel, CPU, one thread", _with_torch_threads(1, lambda: logmel(x)),
-                              "1 torch thread"))
+        one_thread = _with_torch_threads(1, lambda: logmel(x))
+        methods.append(Method("audioclf LogMel, CPU, one thread", one_thread, "1 torch thread"))
     if s.use_cuda():
         gpu, xg = LogMel(s.sample_rate, **kw).to("cuda"), x.to("cuda")
         methods.append(Method("audioclf LogMel, CUDA", lambda: gpu(xg), torch.cuda.get_device_name(),
@@ -213,7 +214,8 @@ STAGES: dict[str, Callable[[BenchSettings], list[BenchRow]]] = {
 }
 
 
-def run_benchmarks(stages: list[str] | None = None, settings: BenchSettings | None = None) -> list[BenchRow]:
+def run_benchmarks(stages: list[str] | None = None,
+                   settings: BenchSettings | None = None) -> list[BenchRow]:
     """Run the named stages (default: all) and return their rows, stage by stage.
 
     Raises:
@@ -240,4 +242,5 @@ def format_table(rows: list[BenchRow]) -> str:
         for r in rows
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines)
+    return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip()
+                     for line in lines)

@@ -146,7 +146,8 @@ class LogMel(nn.Module):
         _require(mel_norm in ("slaney", None), "mel_norm", mel_norm, "'slaney' or None")
         _require(top_db is None or top_db > 0, "top_db", top_db, "positive or None")
         _require(amin > 0, "amin", amin, "positive")
-        _require(normalize in _NORMALIZE, "normalize", normalize, "one of 'none', 'dataset', 'instance'")
+        _require(normalize in _NORMALIZE, "normalize", normalize,
+                 "one of 'none', 'dataset', 'instance'")
         self.sample_rate, self.n_fft, self.win_length = sample_rate, n_fft, win_length
         self.hop_length, self.n_mels, self.f_min, self.f_max = hop_length, n_mels, f_min, f_max
         self.power, self.mel_scale, self.mel_norm = float(power), mel_scale, mel_norm
@@ -316,7 +317,8 @@ class LogMel(nn.Module):
 
     def _check_input(self, x: Tensor) -> None:
         if not isinstance(x, Tensor):
-            raise ValueError(f"waveforms must be a torch.Tensor of shape (B, N), got {type(x).__name__}")
+            raise ValueError(f"waveforms must be a torch.Tensor of shape (B, N), "
+                             f"got {type(x).__name__}")
         if x.ndim != 2:
             raise ValueError(f"waveforms must have shape (B, N) (batch, samples), got shape "
                              f"{tuple(x.shape)}; use x.unsqueeze(0) for one clip")
@@ -416,7 +418,8 @@ def compute_normalization_stats(logmel: LogMel, batches: Iterable[Tensor | Seque
         total_sq += db.square().sum(dim=(0, 2))
         count += db.shape[0] * db.shape[2]
     if count == 0:
-        raise ValueError("compute_normalization_stats got no batches; expected at least one (B, N) batch")
+        raise ValueError("compute_normalization_stats got no batches; "
+                         "expected at least one (B, N) batch")
     mean = total / count
     var = torch.clamp(total_sq / count - mean.square(), min=0.0)
     std = torch.clamp(var.sqrt(), min=_EPS)

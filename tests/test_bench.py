@@ -9,7 +9,8 @@ import math
 import pytest
 import torch
 
-from audioclf.bench import STAGES, BenchRow, BenchSettings, Method, format_table, measure, run_benchmarks
+from audioclf.bench import (STAGES, BenchRow, BenchSettings, Method, format_table, measure,
+                            run_benchmarks)
 from audioclf.commands import bench as bench_command
 from audioclf.errors import ConfigError
 from audioclf.features import LogMel

@@ -19,10 +19,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=64, help="clips per batch (default 64)")
     parser.add_argument("--seconds", type=float, default=5.0, help="clip length in seconds (default 5)")
     parser.add_argument("--sample-rate", type=int, default=32000, help="Hz (default 32000)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per method; the median is shown")
+    parser.add_argument("--repeats", type=int, default=5,
+                        help="timed rounds (each method once per round); medians are shown")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
                         help="'auto' adds CUDA rows when a GPU is present")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: torch's)")
     parser.add_argument("--json", metavar="OUT.json", help="also write the rows to this JSON file")
 
 
