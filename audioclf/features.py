@@ -352,7 +352,8 @@ def _run_chunks(fn: Callable[[int], None], starts: range) -> None:
     Each chunk runs single-threaded and the threads take chunks as they become free.
     Per-op parallelism would split every small op over all cores and wait for the
     slowest at each op; on a shared machine that costs up to 10x (measured), while
-    chunk-level parallelism only slows by the share of the busy core.
+    chunk-level parallelism only slows by the share of the busy core. While the chunks
+    run, torch's thread count is 1 for the whole process (restored afterwards).
     """
     global _pool
     workers = min(torch.get_num_threads(), len(starts))
