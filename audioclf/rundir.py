@@ -10,6 +10,12 @@ Layout written by :func:`audioclf.train.fit` (rank 0 only)::
 
 A folder holding any of these belongs to a run: a new run refuses it unless asked to
 resume it or to overwrite it, so nothing is replaced by accident.
+
+The resume point (:func:`save_resume_point`) holds what an epoch boundary needs: the
+weights, the optimizer, the LR schedule, the SWA average and its count, the loss scaler,
+the selection bookkeeping (:class:`Progress`: best score, its weights, epochs since) and
+the history. Random streams are not stored: :mod:`audioclf.runtime` re-derives them
+from (seed, rank, epoch) at every epoch.
 """
 
 from __future__ import annotations
@@ -17,14 +23,22 @@ from __future__ import annotations
 import csv
 import io
 import logging
+import math
 import shutil
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from audioclf._io import write_text_atomic
-from audioclf.errors import ConfigError
+import torch
+from torch import Tensor
 
-__all__ = ["RUN_FILES", "STATE_FILE", "check_out_dir", "claim_out_dir", "check_same_run", "write_metrics_csv",
+from audioclf._io import write_text_atomic
+from audioclf._state import load_state, save_state
+from audioclf.distributed import all_agree, broadcast_object
+from audioclf.errors import AudioclfError, ConfigError
+
+__all__ = ["RUN_FILES", "STATE_FILE", "Progress", "check_out_dir", "claim_out_dir", "open_run",
+           "check_same_run", "save_resume_point", "restore_resume_point", "write_metrics_csv",
            "METRIC_COLUMNS"]
 
 logger = logging.getLogger(__name__)
@@ -33,6 +47,8 @@ STATE_FILE = "state.safetensors"
 RUN_FILES = ("model.safetensors", "model.json", "metrics.csv", STATE_FILE)
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_accuracy", "improved", "swa",
                   "seconds")
+
+STATE_VERSION = 1
 
 # Options a resumed run may change: they extend the budget or move the run, not its course.
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "early_stopping_patience"),
@@ -122,3 +138,86 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
     for row in history:
         writer.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
     write_text_atomic(path, buf.getvalue())
+
+
+@dataclass
+class Progress:
+    """Selection bookkeeping of a run; with the weights and optimizer, all a resume point needs."""
+
+    epoch: int = 0  # last complete epoch
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best_metric: float = -math.inf
+    best_loss: float = math.inf
+    best_epoch: int = 0
+    since_best: int = 0
+    best_state: dict[str, Tensor] | None = None
+
+
+def open_run(out_dir: Path, resume: bool, overwrite: bool, identity: dict[str, Any],
+             device: torch.device, is_main: bool) -> dict | None:
+    """Rank 0 claims ``out_dir`` (:func:`claim_out_dir`); then every rank reads the same resume state.
+
+    Returns:
+        The resume state (see :func:`save_resume_point`), or None for a new run.
+
+    Raises:
+        ConfigError: on every rank, when rank 0 refuses the folder, when the saved run
+            differs (:func:`check_same_run`), or when a rank cannot read the state (under
+            torchrun, ``out_dir`` must be on a filesystem every node shares).
+    """
+    decision = None
+    if is_main:
+        try:
+            found = claim_out_dir(out_dir, resume, overwrite)
+            decision = ("ok", None if found is None else str(found))
+        except ConfigError as e:
+            decision = ("error", str(e))
+    kind, value = broadcast_object(decision)  # sent once rank 0 is done with the folder
+    if kind == "error":
+        raise ConfigError(value)
+    if value is None:
+        return None
+    state, error = None, None
+    try:
+        state = load_state(value)
+        check_same_run(state["run"], identity, Path(value))
+    except AudioclfError as e:
+        error = e
+    if not all_agree(error is None, device):
+        raise error or ConfigError(f"{value}: another process could not read this resume state; "
+                                   "out_dir must be on a filesystem every node shares")
+    logger.info("resuming %s after epoch %d", out_dir, state["epoch"])
+    return state
+
+
+def save_resume_point(path: Path, progress: Progress, identity: dict[str, Any], model, optimizer,
+                      schedule, swa_model, scaler) -> None:
+    """Write the state after ``progress.epoch`` atomically (one file, no pickle)."""
+    best_weights = None if progress.best_epoch == progress.epoch else progress.best_state
+    save_state(path, {
+        "version": STATE_VERSION, "run": identity, "epoch": progress.epoch,
+        "history": progress.history, "best_metric": progress.best_metric,
+        "best_loss": progress.best_loss, "best_epoch": progress.best_epoch,
+        "since_best": progress.since_best, "best_weights": best_weights,
+        "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+        "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
+        "swa": swa_model.state_dict() if swa_model is not None else None})
+
+
+def restore_resume_point(state: dict, model, optimizer, schedule, scaler) -> Progress:
+    """Load a state from :func:`open_run` into the run's objects; returns its progress.
+
+    The SWA average is restored by the caller once it has built it (``state["swa"]``).
+    """
+    if state.get("version") != STATE_VERSION:
+        raise ConfigError(f"resume state version {state.get('version')!r} is not {STATE_VERSION}; "
+                          "start a new run (--overwrite)")
+    model.load_state_dict(state["model"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    if state["scaler"]:
+        scaler.load_state_dict(state["scaler"])
+    return Progress(epoch=state["epoch"], history=state["history"], best_metric=state["best_metric"],
+                    best_loss=state["best_loss"], best_epoch=state["best_epoch"],
+                    since_best=state["since_best"],
+                    best_state=state["best_weights"] or state["model"])

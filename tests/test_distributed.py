@@ -10,12 +10,12 @@ import numpy as np
 import pytest
 import torch
 
-from audioclf.config import AugmentConfig, RunConfig
+from audioclf.config import AugmentConfig
 from audioclf.distributed import ShardSampler, env_info, init_distributed
 from audioclf.errors import ConfigError
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_train import LABELS, Tones, config, weights  # noqa: E402
+from test_train import LABELS, Tones, config  # noqa: E402
 
 # No MixUp, SpecAugment or dropout: they are drawn per rank by design, and would hide
 # what the comparison with one process is about.

@@ -16,7 +16,8 @@ from audioclf.distributed import DistInfo
 from audioclf.errors import ConfigError
 from audioclf.model import build_model
 from audioclf.optim import LRSchedule, warmup_cosine
-from audioclf.train import _make_env, fit, predict_proba
+from audioclf.runtime import make_runtime
+from audioclf.train import fit, predict_proba
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth import tone  # noqa: E402
@@ -237,7 +238,7 @@ def test_bad_inputs(tmp_path):
     with pytest.raises(ConfigError, match="the training set has 1 clips; need at least 2"):
         fit(model, one_clip, Tones(1, 2), cfg, tmp_path, label_names=LABELS)
     with pytest.raises(ConfigError, match="batch_size 8 .* not divisible by the 3 processes"):
-        _make_env(cfg.train, torch.device("cpu"), DistInfo(rank=0, world_size=3))
+        make_runtime(cfg.train, torch.device("cpu"), DistInfo(rank=0, world_size=3))
     assert not any(tmp_path.iterdir())  # nothing written
 
 
