@@ -65,10 +65,13 @@ class LRSchedule:
         optimizer: the optimizer whose LR is driven.
         cfg: scheduler, plateau factor and patience, warmup, epochs, swa_lr.
         steps_per_epoch: optimizer steps in one epoch (for the cosine schedule).
+        verbose: log LR reductions (rank 0 only under torchrun).
     """
 
-    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
+                 verbose: bool = True):
         self.optimizer = optimizer
+        self.verbose = verbose
         self.kind = cfg.scheduler
         self.swa_lr_option = cfg.swa_lr
         self.swa: SWALR | None = None
@@ -100,7 +103,7 @@ class LRSchedule:
             self.swa.step()
         elif self.kind == "plateau":
             self.main.step(val_metric)
-        if self.lr < before and not averaging:
+        if self.lr < before and not averaging and self.verbose:
             logger.info("validation accuracy stalled: learning rate %.3g -> %.3g", before, self.lr)
 
     def start_swa(self, swa_lr: float | None = None) -> None:

@@ -171,7 +171,7 @@ def _prepare(model, train_set, val_set, cfg: RunConfig, out_dir: Path, label_nam
         model.backbone.compile()  # in place: the state dict keeps its keys
 
     optimizer = build_optimizer(model, tc)
-    schedule = LRSchedule(optimizer, tc, steps_per_epoch(len(train_set), rt))
+    schedule = LRSchedule(optimizer, tc, steps_per_epoch(len(train_set), rt), verbose=info.is_main)
     progress = Progress()
     if state is not None:
         progress = restore_resume_point(state, model, optimizer, schedule, rt.scaler)
@@ -218,7 +218,7 @@ def _run_epoch(run: _Run, epoch: int) -> None:
                           run.schedule, run.swa_model, rt.scaler)
         write_metrics_csv(run.out_dir / "metrics.csv", progress.history)
         _log_scalars(run.writer, progress.history[-1])
-    if progress.since_best >= run.patience:
+    if progress.since_best >= run.patience and rt.dist.is_main:
         logger.info("early stopping after epoch %d: no improvement for %d epochs (best %.4f at "
                     "epoch %d)", epoch, run.patience, progress.best_metric, progress.best_epoch)
 
@@ -346,8 +346,9 @@ def fit_normalization(model: nn.Module, dataset: Dataset, rt: Runtime) -> None:
         std = torch.ones(frontend.n_mels, device=rt.device)
     broadcast_tensors([mean, std])
     frontend.set_normalization(mean, std)
-    logger.info("normalization statistics from %d training clips: mean %.1f dB, std %.1f dB",
-                len(index), float(mean.mean()), float(std.mean()))
+    if rt.dist.is_main:
+        logger.info("normalization statistics from %d training clips: mean %.1f dB, std %.1f dB",
+                    len(index), float(mean.mean()), float(std.mean()))
 
 
 def predict_proba(model: nn.Module, dataset: Dataset, batch_size: int = 64,
@@ -399,9 +400,9 @@ def _finish(run: _Run) -> TrainResult:
         bn_loader = train_loader(run.train_set, rt, run.cfg.train.seed, progress.epoch, shuffle=False)
         update_bn_stats(swa_model.module, bn_loader, rt)
         swa_val = evaluate(swa_model.module, run.val_loader, rt)
-        logger.info("SWA over %d epochs: validation accuracy %.4f (best epoch %d: %.4f)",
-                    int(swa_model.n_averaged), swa_val["accuracy"], progress.best_epoch,
-                    progress.best_metric)
+        log = logger.info if rt.dist.is_main else logger.debug
+        log("SWA over %d epochs: validation accuracy %.4f (best epoch %d: %.4f)",
+            int(swa_model.n_averaged), swa_val["accuracy"], progress.best_epoch, progress.best_metric)
     best = {"accuracy": progress.best_metric, "loss": progress.best_loss}
     chosen = "swa" if swa_val is not None and _better(swa_val, best) else "best"
     run.model.load_state_dict(swa_model.module.state_dict() if chosen == "swa" else progress.best_state)

@@ -223,3 +223,17 @@ def test_pretrained_file_missing_or_unreadable(tmp_path):
     junk.write_bytes(b"not a checkpoint")
     with pytest.raises(ConfigError, match="cannot read pretrained weights"):
         make_model(pretrained=str(junk))
+
+
+def test_time_shift_acts_in_training_only():
+    model = make_model(augment=AugmentConfig(freq_masks=0, time_masks=0, mixup_alpha=0.0, time_shift=0.5))
+    model.timeshift.generator = torch.Generator().manual_seed(0)
+    x = waves(4)
+    model.eval()
+    torch.testing.assert_close(capture_backbone_input(model, x), model.frontend(x))
+    model.train()
+    shifted = capture_backbone_input(model, x)
+    assert not torch.allclose(shifted, model.frontend(x), atol=1e-3)
+    # a circular shift moves frames: every clip keeps its set of frame energies
+    torch.testing.assert_close(shifted.sum(dim=(1, 2, 3)), model.frontend(x).sum(dim=(1, 2, 3)),
+                               rtol=0.05, atol=1.0)

@@ -343,3 +343,15 @@ def test_cli_bad_splits_fail_in_one_line(tmp_path, capsys, rows, extra, message)
     err = capsys.readouterr().err
     assert code == 2 and re.search(message, err) and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.cuda
+def test_cuda_run_uses_channels_last_and_saves_a_cpu_loadable_model(tmp_path):
+    cfg = config(epochs=2, swa_start=2, device="cuda")
+    model, result = run(cfg, tmp_path)
+    assert next(model.parameters()).is_cuda and len(result.history) == 2
+    assert model.backbone.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    loaded, _ = load_checkpoint(tmp_path)
+    x = torch.stack([w for w, _ in Tones(1, 3).items])
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model.cpu()(x), rtol=1e-4, atol=1e-4)
