@@ -15,7 +15,7 @@ from audioclf.config import AudioConfig, AugmentConfig, FeatureConfig, ModelConf
 from audioclf.distributed import DistInfo
 from audioclf.errors import ConfigError
 from audioclf.model import build_model
-from audioclf.optim import LRSchedule, warmup_cosine
+from audioclf.optim import LRSchedule, build_optimizer, warmup_cosine
 from audioclf.runtime import make_runtime
 from audioclf.train import fit, predict_proba
 
@@ -110,6 +110,22 @@ def test_plateau_halves_the_lr_after_patience_epochs_without_improvement():
         lrs.append(schedule.lr)
     # 3 epochs without improvement (> patience 2) cut the LR; the improvement at 0.7 resets
     assert lrs == [1e-3] * 4 + [5e-4] * 4 + [2.5e-4]
+
+
+@pytest.mark.parametrize("name, klass", [("adamw", torch.optim.AdamW), ("adam", torch.optim.Adam)])
+def test_weight_decay_spares_norms_and_biases(name, klass):
+    model = build_model(config(), 3)
+    optimizer = build_optimizer(model, TrainConfig(optimizer=name, weight_decay=0.05))
+    decay, no_decay = optimizer.param_groups
+    assert type(optimizer) is klass and (decay["weight_decay"], no_decay["weight_decay"]) == (0.05, 0.0)
+    names = {id(p): n for n, p in model.named_parameters()}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    norms = {f"{m_name}.{p_name}" for m_name, m in model.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for p_name, _ in m.named_parameters()}
+    biases = {n for n in names.values() if n.endswith(".bias")}
+    assert "backbone.fc.bias" in biases and "backbone.bn1.weight" in norms
+    assert spared == norms | biases
+    assert len(decay["params"]) + len(no_decay["params"]) == len(names)
 
 
 def test_default_patience_is_derived_from_the_budget():
