@@ -31,7 +31,7 @@ _EXPORTS = {
     "manifest": ["Manifest", "LabelMap", "read_manifest", "write_manifest", "build_manifest"],
     "data": ["WaveformCache", "ClipDataset"],
     "features": ["LogMel", "compute_normalization_stats"],
-    "augment": ["SpecAugment", "MixUp", "TimeShift", "soft_target_cross_entropy"],
+    "augment": ["SpecAugment", "MixUp", "TimeShift", "time_shift", "tta_shifts", "soft_target_cross_entropy"],
     "model": ["AudioClassifier", "build_model", "PRESETS"],
     "train": ["fit", "TrainResult"],
     "checkpoint": ["save_checkpoint", "load_checkpoint"],

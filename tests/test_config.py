@@ -1,0 +1,71 @@
+import pytest
+
+from audioclf.commands._options import add_run_options, run_config_from_args
+from audioclf.config import AugmentConfig, RunConfig, TrainConfig, load_config_file
+from audioclf.errors import ConfigError
+
+
+def test_round_trip_through_dict():
+    cfg = RunConfig().replace(train={"epochs": 7}, model={"backbone": "resnest26d"})
+    assert RunConfig.from_dict(cfg.to_dict()) == cfg
+
+
+@pytest.mark.parametrize("section, values, message", [
+    ("train", {"lr": -1.0}, "lr must be positive (-1.0 given)"),
+    ("train", {"optimizer": "sgd"}, "optimizer must be one of 'adamw', 'adam' ('sgd' given)"),
+    ("train", {"swa_start": 1.5}, "swa_start must be an epoch"),
+    ("audio", {"sample_rate": 0}, "sample_rate must be an integer in (0, 1000000] Hz (0 given)"),
+    ("features", {"mel_scale": "bark"}, "mel_scale must be one of 'slaney', 'htk'"),
+    ("augment", {"time_mask_width": 1.5}, "time_mask_width must be a fraction in [0, 1]"),
+    ("cv", {"k": 1}, "k must be in [2, 100] (1 given)"),
+])
+def test_out_of_range_values_are_named(section, values, message):
+    with pytest.raises(ConfigError) as e:
+        RunConfig.from_dict({section: values})
+    assert message in str(e.value)
+
+
+def test_unknown_keys_suggest_close_matches():
+    with pytest.raises(ConfigError, match=r"unknown option 'epoch' \(did you mean epochs"):
+        RunConfig.from_dict({"train": {"epoch": 3}})
+    with pytest.raises(ConfigError, match=r"unknown section \[trian\] \(did you mean train"):
+        RunConfig.from_dict({"trian": {}})
+
+
+def test_derived_patience_and_swa_start():
+    tc = TrainConfig(epochs=40)
+    assert tc.resolved_plateau_patience() == 4
+    assert tc.resolved_early_stopping_patience() == 10
+    assert tc.resolved_swa_start() == 31  # 0.75 of 40 epochs, then the next epoch
+    assert TrainConfig(epochs=5).resolved_plateau_patience() == 2
+    assert TrainConfig(swa_start=None).resolved_swa_start() is None
+    assert TrainConfig(epochs=10, swa_start=4).resolved_swa_start() == 4
+
+
+def test_time_mask_width_int_is_frames_float_is_fraction():
+    assert AugmentConfig(time_mask_width=12).time_mask_width == 12
+    with pytest.raises(ConfigError):
+        AugmentConfig(time_mask_width=-1)
+
+
+def test_cli_options_override_the_config_file(tmp_path):
+    import argparse
+
+    toml = tmp_path / "run.toml"
+    toml.write_text('[train]\nepochs = 12\nlr = 0.01\n[model]\nbackbone = "resnet34"\n')
+    parser = argparse.ArgumentParser()
+    add_run_options(parser)
+    args = parser.parse_args(["--manifest", "m.csv", "--out", "o", "--config", str(toml),
+                              "--epochs", "3", "--no-swa", "--swa-start", "2"])
+    cfg = run_config_from_args(args)
+    assert cfg.train.epochs == 3 and cfg.train.lr == 0.01 and cfg.model.backbone == "resnet34"
+    assert cfg.train.swa_start is None  # --no-swa wins over --swa-start
+
+
+def test_config_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config_file(tmp_path / "missing.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[train\n")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config_file(bad)
