@@ -166,23 +166,32 @@ def create_backbone(name: str, num_classes: int, drop_rate: float = 0.0,
     except (OSError, ConnectionError) as e:  # hub download failed (offline machine)
         raise ConfigError(f"could not fetch timm's pretrained weights for {name!r} ({e}); "
                           "on an offline machine pass a local weights file instead") from None
-    if pretrained is not None and not from_timm:
-        load_pretrained_file(backbone, pretrained)
     with torch.device("meta"):  # find the pairs on a twin that costs nothing to run
         twin = timm.create_model(name, pretrained=False, in_chans=1, num_classes=num_classes)
-    for conv_name, bn_name in bias_before_batchnorm(twin):
+    pairs = bias_before_batchnorm(twin)
+    for conv_name, bn_name in pairs:
         _fold_bias_into_batchnorm(backbone.get_submodule(conv_name), backbone.get_submodule(bn_name))
+    if pretrained is not None and not from_timm:
+        load_pretrained_file(backbone, pretrained, folded=pairs)
     return backbone
 
 
-def load_pretrained_file(backbone: nn.Module, path: str | Path) -> None:
+def load_pretrained_file(backbone: nn.Module, path: str | Path,
+                         folded: list[tuple[str, str]] = ()) -> None:
     """Load ImageNet-style weights from a local file into a 1-channel backbone.
 
     The stem (timm's ``first_conv``) is summed over its input channels and the
     classifier (``classifier``) is dropped, so weights of the 3-channel, 1000-class
     model fit. Reads ``.safetensors`` with safetensors, anything else with
     ``torch.load(weights_only=True)`` (a bare state dict, or one under "state_dict" or
-    "model"; a DistributedDataParallel "module." prefix is removed).
+    "model"; a DistributedDataParallel "module." prefix is removed). An audioclf
+    checkpoint works too: its ``backbone.`` weights are used.
+
+    Args:
+        backbone: the timm model to load into.
+        path: the weights file.
+        folded: (conv, BatchNorm) pairs whose conv bias ``backbone`` no longer has; a
+            bias for them in the file is folded into the BatchNorm's running mean.
 
     Raises:
         ConfigError: the file is missing or unreadable, or its tensors do not fit the
@@ -197,6 +206,10 @@ def load_pretrained_file(backbone: nn.Module, path: str | Path) -> None:
             state[key] = adapt_input_conv(1, state[key])  # sum over the RGB channels
     head = {f"{c}.{p}" for c in _as_list(cfg.get("classifier")) for p in ("weight", "bias")}
     state = {k: v for k, v in state.items() if k not in head}
+    for conv, bn in folded:
+        bias, mean = state.pop(f"{conv}.bias", None), state.get(f"{bn}.running_mean")
+        if bias is not None and mean is not None:
+            state[f"{bn}.running_mean"] = mean - bias  # as _fold_bias_into_batchnorm does
 
     own = backbone.state_dict()
     problems = [f"{k}: file {tuple(v.shape)} vs model {tuple(own[k].shape)}"
@@ -229,7 +242,10 @@ def _read_state_dict(path: Path) -> dict[str, Tensor]:
             state = state[key]
     if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
         raise ConfigError(f"{path}: expected a state dict (tensor name -> tensor)")
-    return {k.removeprefix("module."): v for k, v in state.items()}
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("backbone.") for k in state):  # an audioclf checkpoint
+        state = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
+    return state
 
 
 def _as_list(value) -> list[str]:

@@ -237,3 +237,33 @@ def test_time_shift_acts_in_training_only():
     # a circular shift moves frames: every clip keeps its set of frame energies
     torch.testing.assert_close(shifted.sum(dim=(1, 2, 3)), model.frontend(x).sum(dim=(1, 2, 3)),
                                rtol=0.05, atol=1.0)
+
+
+def test_resnest_weights_with_conv_biases_load_into_the_folded_model(tmp_path):
+    """ImageNet ResNeSt files hold the split-attention biases the model no longer has."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    rgb = timm.create_model("resnest14d", pretrained=False, in_chans=3, num_classes=1000).eval()
+    for m in rgb.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5)
+    save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(tmp_path / "rgb.safetensors"))
+    folded = create_backbone("resnest14d", 3, pretrained=str(tmp_path / "rgb.safetensors")).eval()
+    assert bias_before_batchnorm(folded) == []
+    # the same features: the RGB model on a grey image (3 equal channels) = summed stem on 1 channel
+    x = torch.randn(2, 1, 32, 32)
+    torch.testing.assert_close(folded.forward_features(x), rgb.forward_features(x.expand(-1, 3, -1, -1)),
+                               rtol=1e-4, atol=1e-4)
+
+
+def test_an_audioclf_checkpoint_can_be_the_pretrained_file(tmp_path):
+    from audioclf.checkpoint import save_checkpoint
+
+    source = make_model(num_classes=4)
+    cfg = RunConfig(audio=AudioConfig(sample_rate=SR), features=FEATURES, augment=NO_AUGMENT,
+                    model=ModelConfig(backbone="test_resnet"))
+    save_checkpoint(source, tmp_path / "m", cfg, ["a", "b", "c", "d"])
+    model = make_model(num_classes=2, pretrained=str(tmp_path / "m.safetensors"))
+    assert torch.equal(model.backbone.layer1[0].conv1.weight, source.backbone.layer1[0].conv1.weight)
+    assert model.backbone.fc.out_features == 2
