@@ -45,6 +45,7 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.safetensors"
 RUN_FILES = ("model.safetensors", "model.json", "metrics.csv", STATE_FILE)
+# lr: at the start of the epoch; improved: a new best (keep_best); swa: weights averaged this epoch
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_accuracy", "improved", "swa",
                   "seconds")
 
