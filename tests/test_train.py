@@ -150,6 +150,13 @@ def test_warmup_then_cosine_to_zero():
     assert math.isclose(f(60), 0.5) and f(110) < 1e-12
 
 
+def test_fit_follows_warmup_and_cosine_per_batch(tmp_path):
+    cfg = config(epochs=3, scheduler="cosine", warmup_epochs=1, lr=1e-3)
+    _, result = run(cfg, tmp_path)  # 18 clips, batches of 8: 2 steps per epoch, 6 in all
+    # LR at the start of each epoch: step 0 of warmup (1/2), step 2 (cosine at 0), step 4 (half way)
+    assert [row["lr"] for row in result.history] == pytest.approx([5e-4, 1e-3, 5e-4])
+
+
 def test_early_stopping_restores_the_best_weights(tmp_path):
     val = Tones(4, 2, shuffle_labels=True)
     cfg = config(epochs=15, early_stopping_patience=2, plateau_patience=20)
