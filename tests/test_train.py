@@ -306,7 +306,7 @@ def test_short_fsdd_run_beats_chance_by_a_wide_margin(tmp_path, fsdd_dir):
                     features=FeatureConfig(n_fft=256, hop_length=80, n_mels=40),
                     augment=AugmentConfig(freq_masks=0, time_masks=0, mixup_alpha=0.0),
                     model=ModelConfig(backbone="test_resnet", drop_rate=0.1),
-                    train=TrainConfig(epochs=8, batch_size=16, lr=3e-3, swa_start=6, warmup_epochs=0,
+                    train=TrainConfig(epochs=10, batch_size=16, lr=3e-3, swa_start=7, warmup_epochs=0,
                                       device="cpu"))
     cache = WaveformCache(manifest, 8000, tmp_path / "cache").build()
     y = manifest.targets()
@@ -318,7 +318,7 @@ def test_short_fsdd_run_beats_chance_by_a_wide_margin(tmp_path, fsdd_dir):
     result = fit(model, dataset(train_idx, True), dataset(val_idx, False), cfg, tmp_path / "run",
                  label_names=manifest.labels.names)
     chosen = result.swa_metric if result.chosen == "swa" else result.best_metric
-    assert chosen >= 0.5  # chance is 0.1
+    assert chosen >= 0.6  # chance is 0.1; measured 0.87 (best epoch 10), SWA 0.83
     probs = predict_proba(model, dataset(val_idx, False), batch_size=32)
     assert (probs.argmax(1) == y[val_idx]).mean() == pytest.approx(chosen)  # fit kept that model
 
