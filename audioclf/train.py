@@ -100,6 +100,11 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: RunConfig,
             in ``rundir.RESUMABLE_CHANGES`` (e.g. ``epochs``) may differ, nothing else.
         overwrite: replace a run found in ``out_dir``.
 
+    The plateau and early-stopping patiences default to values derived from the epoch
+    budget (:meth:`TrainConfig.resolved_plateau_patience`, explained in
+    :mod:`audioclf.optim`); an epoch counts as an improvement when :func:`keep_best`
+    keeps it. Under torchrun, ``cfg.train.batch_size`` is the global batch.
+
     Returns:
         A :class:`TrainResult`; ``model`` holds the chosen weights, in eval mode.
 
