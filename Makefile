@@ -4,6 +4,7 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+DEMO_OUT ?= demo-out
 
 .PHONY: demo test venv bench clean
 
@@ -16,8 +17,9 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/python recipes/fsdd.py --quick --preset cpu --out demo-out
-	$(VENV)/bin/audioclf predict $$($(PY) -c 'import audioclf.datasets_dir as d; print(d.fsdd_example())') --bundle demo-out/bundle
+	$(PY) recipes/fsdd.py --quick --out $(DEMO_OUT) --overwrite $(DEMO_ARGS)
+	clip="$$($(PY) scripts/demo_clip.py $(DEMO_OUT))" && \
+	$(VENV)/bin/audioclf predict "$$clip" --bundle $(DEMO_OUT)/bundle
 
 test: $(STAMP)
 	$(PY) -m pytest -q $(PYTEST_ARGS)

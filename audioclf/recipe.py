@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from audioclf._io import write_json_atomic
 from audioclf.config import RunConfig, load_config_file
 from audioclf.errors import AudioclfError, ConfigError, ManifestError
 
@@ -176,6 +177,9 @@ def run_recipe(spec: RecipeSpec, presets: dict, quick: dict, args: argparse.Name
     result = _run_protocol(spec, manifest, cfg, args, command)
     if result.report is None:  # under torchrun, rank 0 merges and reports; the others stay quiet
         return ""
+    write_json_atomic(Path(args.out) / "recipe.json", {
+        "dataset": spec.dataset, "protocol": spec.protocol, "data_dir": str(Path(data_dir).resolve()),
+        "preset": _preset_name(args), "quick": bool(args.quick), "command": command})
     return headline(spec.dataset, result.report, result.bundle_dir, (time.time() - started) / 60)
 
 
