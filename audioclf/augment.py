@@ -1,4 +1,4 @@
-"""Training-time augmentation: ``SpecAugment``, ``MixUp``, ``TimeShift``, and the loss for soft targets.
+"""Training-time augmentation: ``SpecAugment``, ``MixUp``, ``TimeShift``, ``FreqShift``, and the loss for soft targets.
 
 Each transform splits "draw the random parameters" (``draw``) from a deterministic
 ``apply``, so a draw can be logged and replayed. Random numbers come from an optional
@@ -24,6 +24,8 @@ __all__ = [
     "TimeShift",
     "time_shift",
     "tta_shifts",
+    "FreqShift",
+    "freq_shift",
     "soft_target_cross_entropy",
 ]
 
@@ -345,6 +347,66 @@ def tta_shifts(n_views: int, length: int, max_fraction: float) -> list[int]:
         s = round(m * j / levels)
         shifts += [s, -s]
     return shifts[:n_views]
+
+
+def freq_shift(x: Tensor, shift: Tensor) -> Tensor:
+    """Shift spectrograms along frequency, one shift per example; edge bins fill the gap.
+
+    On a mel axis a shift of k bins scales frequencies by a near-constant factor (above
+    ~1 kHz), like a change of vocal-tract length or pitch.
+
+    Args:
+        x: (B, C, F, T) spectrograms.
+        shift: (B,) LongTensor; positive moves content to higher bins.
+
+    Returns:
+        (B, C, F, T), same dtype and device.
+    """
+    if x.ndim != 4:
+        raise ValueError(f"freq_shift expects (B, C, F, T), got shape {tuple(x.shape)}")
+    if shift.shape != (x.shape[0],):
+        raise ValueError(f"shift must have shape (B,)=({x.shape[0]},), got {tuple(shift.shape)}")
+    n_freq = x.shape[-2]
+    source = torch.arange(n_freq, device=x.device) - shift.to(x.device).long()[:, None]  # (B, F)
+    index = source.clamp(0, n_freq - 1)[:, None, :, None].expand_as(x)  # (B, C, F, T)
+    return x.gather(-2, index)
+
+
+class FreqShift(nn.Module):
+    """Random shift of the frequency axis, uniform in [-max_shift, max_shift] bins per example.
+
+    A cheap stand-in for vocal tract length perturbation: it helps a model trained on a
+    few speakers generalise to new ones. Identity in eval mode.
+
+    Args:
+        max_shift: the largest shift in bins (int >= 0).
+        p: probability that an example is shifted at all.
+        generator: optional torch.Generator for reproducible shifts.
+
+    Raises:
+        ValueError: an argument is out of range (the message quotes it).
+    """
+
+    def __init__(self, max_shift: int, p: float = 1.0, generator: torch.Generator | None = None):
+        super().__init__()
+        _require(_is_int(max_shift) and max_shift >= 0, "max_shift", max_shift, "a number of bins (int >= 0)")
+        _require(0.0 <= p <= 1.0, "p", p, "in [0, 1]")
+        self.max_shift, self.p, self.generator = int(max_shift), float(p), generator
+
+    def extra_repr(self) -> str:
+        return f"max_shift={self.max_shift}, p={self.p}"
+
+    def draw(self, batch_size: int, device=None) -> Tensor:
+        """Shifts for a batch: (B,) long in [-max_shift, max_shift]; 0 where not applied."""
+        u = _rand((batch_size, 2), self.generator, device if device is not None else "cpu")
+        shift = (u[:, 0] * (2 * self.max_shift + 1)).long() - self.max_shift
+        return torch.where(u[:, 1] < self.p, shift, torch.zeros_like(shift))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, C, F, T) -> (B, C, F, T), shifted in training mode only."""
+        if not self.training or x.shape[0] == 0 or self.max_shift == 0:
+            return x
+        return freq_shift(x, self.draw(x.shape[0], x.device))
 
 
 def soft_target_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:

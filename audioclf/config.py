@@ -115,7 +115,8 @@ class AugmentConfig:
 
     ``time_mask_width``: an int is a width in frames; a float in (0, 1] a fraction of
     the spectrogram's length. ``time_shift`` is the largest random circular shift of the
-    waveform, as a fraction of the clip.
+    waveform, as a fraction of the clip. ``freq_shift`` is the largest random shift of the
+    mel axis in bins (a vocal-tract-length-like perturbation; 0 disables).
     """
 
     freq_masks: int = 2
@@ -128,6 +129,7 @@ class AugmentConfig:
     mixup_p: float = 1.0
     mixup_per_example: bool = False
     time_shift: float = 0.0
+    freq_shift: int = 0
 
     def __post_init__(self):
         _check(self.freq_masks >= 0, "freq_masks", self.freq_masks, ">= 0")
@@ -143,6 +145,7 @@ class AugmentConfig:
         _check(self.mixup_alpha >= 0, "mixup_alpha", self.mixup_alpha, ">= 0 (0 disables MixUp)")
         _check(0 <= self.mixup_p <= 1, "mixup_p", self.mixup_p, "in [0, 1]")
         _check(0 <= self.time_shift <= 1, "time_shift", self.time_shift, "a fraction in [0, 1]")
+        _check(self.freq_shift >= 0, "freq_shift", self.freq_shift, "a number of mel bins >= 0")
 
 
 @dataclass(frozen=True)

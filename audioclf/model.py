@@ -36,7 +36,7 @@ import torch
 from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
-from audioclf.augment import SpecAugment, TimeShift
+from audioclf.augment import FreqShift, SpecAugment, TimeShift
 from audioclf.config import AugmentConfig, FeatureConfig, ModelConfig, RunConfig
 from audioclf.errors import ConfigError
 from audioclf.features import LogMel
@@ -92,6 +92,7 @@ class AudioClassifier(nn.Module):
         self.sample_rate = sample_rate
         self.timeshift = TimeShift(augment.time_shift) if augment.time_shift > 0 else nn.Identity()
         self.frontend = LogMel.from_config(sample_rate, features)
+        self.freqshift = FreqShift(augment.freq_shift) if augment.freq_shift > 0 else nn.Identity()
         self.specaugment = SpecAugment.from_config(augment)
         self.backbone = create_backbone(model.backbone, num_classes, model.drop_rate, model.pretrained)
 
@@ -110,19 +111,23 @@ class AudioClassifier(nn.Module):
         spec = self.frontend(waveforms)  # (B, N) -> (B, 1, F, T)
         if mix is not None:
             spec = mix(spec)
+        spec = self.freqshift(spec)  # identity in eval mode
         spec = self.specaugment(spec)  # identity in eval mode
         return self.backbone(spec)  # (B, 1, F, T) -> (B, K)
 
     def set_generators(self, specaugment: torch.Generator | None,
-                       timeshift: torch.Generator | None) -> None:
+                       timeshift: torch.Generator | None,
+                       freqshift: torch.Generator | None = None) -> None:
         """Give the training-time augmentations their own random streams (replayable draws)."""
         self.specaugment.generator = specaugment
         if isinstance(self.timeshift, TimeShift):
             self.timeshift.generator = timeshift
+        if isinstance(self.freqshift, FreqShift):
+            self.freqshift.generator = freqshift
 
     def augmentations(self) -> list[nn.Module]:
         """The modules that act only in training mode (switched off for BatchNorm updates)."""
-        return [self.timeshift, self.specaugment]
+        return [self.timeshift, self.freqshift, self.specaugment]
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> AudioClassifier:

@@ -162,10 +162,10 @@ def _prepare(model, train_set, val_set, cfg: RunConfig, out_dir: Path, label_nam
                 "n_train": len(train_set), "n_val": len(val_set)}
     state = open_run(out_dir, resume, overwrite, identity, device, info.is_main)
 
-    generators = [torch.Generator() for _ in range(3)]  # MixUp, SpecAugment, time shift
+    generators = [torch.Generator() for _ in range(4)]  # MixUp, SpecAugment, time shift, freq shift
     seed_epoch(tc.seed, info.rank, 0, generators)
     model.to(device)
-    model.set_generators(generators[1], generators[2])
+    model.set_generators(*generators[1:])
     mixup = (MixUp.from_config(cfg.augment, model.num_classes, generator=generators[0])
              if cfg.augment.mixup_alpha > 0 else None)
     if state is None and cfg.features.normalize == "dataset":

@@ -1,4 +1,4 @@
-"""SpecAugment, MixUp, TimeShift, TTA shifts and the soft-target loss."""
+"""SpecAugment, MixUp, TimeShift, FreqShift, TTA shifts and the soft-target loss."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from audioclf.augment import (FreqShift, MixParams, MixUp, SpecAugment, TimeShift, freq_shift,
+                              soft_target_cross_entropy, time_shift, tta_shifts)
 from audioclf.config import AugmentConfig
-from audioclf.augment import (MixParams, MixUp, SpecAugment, TimeShift, soft_target_cross_entropy,
-                              time_shift, tta_shifts)
 
 
 def _gen(seed: int = 0) -> torch.Generator:
@@ -261,3 +261,41 @@ def test_augmentations_on_cuda_match_cpu_draws():
     params = MixUp(generator=_gen(5)).draw(8, "cuda")
     assert params.lam.device.type == "cuda"
     torch.testing.assert_close(time_shift(x.cuda(), torch.arange(8)).cpu(), time_shift(x, torch.arange(8)))
+
+
+# --- FreqShift ------------------------------------------------------------------------
+
+
+def test_freq_shift_moves_bins_and_repeats_the_edge():
+    x = torch.arange(5.0).view(1, 1, 5, 1).repeat(2, 1, 1, 3)  # bin f holds the value f
+    out = freq_shift(x, torch.tensor([2, -1]))
+    assert out[0, 0, :, 0].tolist() == [0.0, 0.0, 0.0, 1.0, 2.0]  # content moved up, bin 0 repeated
+    assert out[1, 0, :, 0].tolist() == [1.0, 2.0, 3.0, 4.0, 4.0]  # moved down, top bin repeated
+    assert torch.equal(freq_shift(x, torch.zeros(2, dtype=torch.long)), x)
+
+
+def test_freq_shift_draws_within_bounds_per_example_and_replays():
+    fs = FreqShift(3, generator=torch.Generator().manual_seed(0))
+    shifts = fs.draw(2000)
+    assert shifts.min() == -3 and shifts.max() == 3
+    again = FreqShift(3, generator=torch.Generator().manual_seed(0)).draw(2000)
+    assert torch.equal(shifts, again)
+    assert (FreqShift(3, p=0.0).draw(100) == 0).all()
+
+
+def test_freq_shift_is_identity_in_eval_mode():
+    x = torch.randn(4, 1, 16, 10)
+    fs = FreqShift(4, generator=torch.Generator().manual_seed(1))
+    assert not torch.equal(fs.train()(x), x)
+    assert torch.equal(fs.eval()(x), x)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_shift": -1}, "max_shift must be a number of bins (int >= 0) (-1 given)"),
+    ({"max_shift": 1.5}, "max_shift must be a number of bins"),
+    ({"max_shift": 2, "p": 1.5}, "p must be in [0, 1] (1.5 given)"),
+])
+def test_freq_shift_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        FreqShift(**kwargs)
+    assert message in str(e.value)

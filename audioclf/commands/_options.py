@@ -25,6 +25,7 @@ _OPTIONS: list[tuple[str, str, str, object, str]] = [
     ("--freq-masks", "augment", "freq_masks", int, "SpecAugment frequency masks"),
     ("--time-masks", "augment", "time_masks", int, "SpecAugment time masks"),
     ("--time-shift", "augment", "time_shift", float, "max random waveform shift (fraction)"),
+    ("--freq-shift", "augment", "freq_shift", int, "max random mel-axis shift (bins)"),
     ("--backbone", "model", "backbone", str, "timm model name (e.g. resnest26d, resnet18)"),
     ("--pretrained", "model", "pretrained", str, "'timm' for timm's ImageNet weights, or a local weights file"),
     ("--drop-rate", "model", "drop_rate", float, "dropout before the classifier"),
