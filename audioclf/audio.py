@@ -34,9 +34,19 @@ logger = logging.getLogger(__name__)
 MAX_SAMPLE_RATE = 1_000_000
 """Highest sample rate (Hz) accepted anywhere; higher values are almost always a typo."""
 
-# libsndfile's parse log for a WAV/AIFF whose header promises more data than the file has:
-# "data : 16000 (should be 7978)".
-_SHORT_CHUNK = re.compile(r"^(?:data|SSND)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# libsndfile's parse log for a file whose header promises more data bytes than it holds:
+# WAV "data : 16000 (should be 7978)", AIFF " SSND : 16008 (should be 7981)", AU
+# "  Data Size   : 16000 (should be 7988)", W64 "riff : 16104 (should be 8052)".
+_SHORT_CHUNK = re.compile(r"^\s*(?:data|SSND|Data Size|riff)\s*:\s*(\d+)\s*\(should be (\d+)\)", re.MULTILINE)
+# ... and for one whose header promises more sample frames than its data holds.
+_SHORT_FRAMES = (
+    re.compile(r"'COMM' chunk \((?P<declared>\d+)\) not equal.*?'SSND' chunk \((?P<present>\d+)\)", re.DOTALL),
+    re.compile(r"frame count (?P<present>\d+) does not match value from 'ds64' chunk of (?P<declared>\d+)"),
+)
+# Data sizes a writer streaming to a pipe leaves in the header: "length unknown", not truncation.
+_UNKNOWN_SIZES = frozenset({0xFFFFFFFF, 0x7FFFFFFF})
+# An MP3's frame count may be estimated from its bit rate: this much of it must decode.
+_MP3_TOLERANCE = 0.9
 
 
 def load_audio(
@@ -55,7 +65,8 @@ def load_audio(
 
     Raises:
         AudioError: the path is missing, a directory, empty, not audio, truncated, has no
-            samples or non-finite samples, or ``sample_rate`` is out of (0, 1 MHz].
+            samples or non-finite samples, is too short to resample to ``sample_rate``,
+            or ``sample_rate`` is out of (0, 1 MHz].
     """
     path = Path(path)
     if sample_rate is not None:
@@ -65,7 +76,11 @@ def load_audio(
     if mono:
         waveform = waveform.mean(dim=0)  # (C, N) -> (N,)
     if sample_rate is not None and sample_rate != file_rate:
+        n = waveform.shape[-1]
         waveform = resample(waveform, file_rate, sample_rate)
+        if waveform.shape[-1] == 0:
+            raise AudioError(f"{path}: too short to resample: {n} samples at {file_rate} Hz "
+                             f"are none at {sample_rate} Hz")
         return waveform, sample_rate
     return waveform, file_rate
 
@@ -84,6 +99,9 @@ def _decode(path: Path) -> tuple[np.ndarray, int]:
         raise AudioError(f"{path}: is a directory, expected an audio file")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file (0 bytes)")
+    if path.suffix.lower() == ".raw":  # soundfile would ask for the rate, channels and subtype
+        raise AudioError(f"{path}: headerless RAW audio does not say its sample rate, channels or "
+                         "sample format; convert it to WAV or FLAC")
     try:
         with sf.SoundFile(path) as f:
             declared, rate, log, fmt = f.frames, f.samplerate, f.extra_info, f.format
@@ -104,15 +122,24 @@ def _decode(path: Path) -> tuple[np.ndarray, int]:
 
 
 def _check_complete(path: Path, decoded: int, declared: int, log: str, fmt: str) -> None:
-    """Raise AudioError when the file holds less audio than its header declares."""
-    short = _SHORT_CHUNK.search(log)
-    if short and int(short.group(1)) > int(short.group(2)):
-        raise AudioError(f"{path}: truncated file: header declares {short.group(1)} data bytes, "
-                         f"only {short.group(2)} present")
+    """Raise AudioError when the file holds less audio than its header declares.
+
+    ``declared`` is the frame count soundfile reports; for WAV, AIFF and AU it is already
+    cut to what is present, so the header's own claim is read from libsndfile's ``log``.
+    """
+    for m in _SHORT_CHUNK.finditer(log):
+        size, present = int(m[1]), int(m[2])
+        if size > present and size not in _UNKNOWN_SIZES:
+            raise AudioError(f"{path}: truncated file: header declares {size} data bytes, "
+                             f"only {present} present")
+    for pattern in _SHORT_FRAMES:
+        m = pattern.search(log)
+        if m and int(m["declared"]) > int(m["present"]):
+            raise AudioError(f"{path}: truncated file: header declares {m['declared']} sample frames, "
+                             f"only {m['present']} present")
     if "ended unexpectedly" in log:  # Ogg without its end-of-stream page
         raise AudioError(f"{path}: truncated file: the stream ends without its final page")
-    # An MP3's frame count may be estimated from its bit rate: allow 10% for it.
-    expected = int(0.9 * declared) if fmt == "MPEG" else declared
+    expected = int(_MP3_TOLERANCE * declared) if fmt == "MP3" else declared
     if decoded < expected:
         raise AudioError(f"{path}: truncated file: header declares {declared} samples, "
                          f"only {decoded} could be decoded")
@@ -138,8 +165,9 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
         new_sr: the wanted rate (Hz).
 
     Returns:
-        (..., M) float32 tensor with ``M = ceil(N * new_sr / orig_sr)`` (soxr on CPU;
-        torchaudio's length on other devices).
+        (..., M) float32 tensor: ``M = N * new_sr / orig_sr`` rounded half up on CPU
+        (soxr), rounded up on other devices (torchaudio). A few samples taken to a much
+        lower rate can give ``M = 0``; :func:`load_audio` reports that as an AudioError.
 
     Raises:
         AudioError: a rate outside (0, 1 MHz].

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import struct
+from pathlib import Path
+
 import numpy as np
 import pytest
 import soundfile as sf
 import torch
 
-from audioclf.audio import fix_length, load_audio, resample
+from audioclf.audio import _check_complete, fix_length, load_audio, resample
 from audioclf.errors import AudioError
 
 RAMP = np.array([-1.0, -0.5, 0.0, 0.5], dtype=np.float32)
@@ -56,10 +59,14 @@ def test_stereo_to_mono_averages_channels(tmp_path):
     np.testing.assert_allclose(both[0].numpy(), RAMP)
 
 
-def test_load_with_resampling_changes_rate_and_length(tmp_path):
-    path = _write(tmp_path / "x.wav", np.zeros(8000, np.float32))
+def test_load_with_resampling_keeps_a_tone(tmp_path):
+    t = np.arange(8000) / 8000
+    path = _write(tmp_path / "x.wav", (0.5 * np.sin(2 * np.pi * 1000 * t)).astype(np.float32), subtype="FLOAT")
     wav, rate = load_audio(path, sample_rate=16000)
     assert rate == 16000 and wav.shape == (16000,)
+    spectrum = np.abs(np.fft.rfft(wav.numpy()))  # 1 Hz per bin over one second
+    assert int(spectrum.argmax()) == 1000
+    assert abs(float(wav[200:-200].pow(2).mean().sqrt()) - 0.5 / np.sqrt(2)) < 1e-3
 
 
 def test_real_fsdd_file_matches_soundfile(fsdd_dir):
@@ -122,7 +129,8 @@ def test_header_only_file(tmp_path):
         load_audio(path)
 
 
-@pytest.mark.parametrize("fmt, ext", [("WAV", "wav"), ("FLAC", "flac"), ("OGG", "ogg"), ("MP3", "mp3")])
+@pytest.mark.parametrize("fmt, ext", [("WAV", "wav"), ("FLAC", "flac"), ("OGG", "ogg"), ("MP3", "mp3"),
+                                      ("AU", "au"), ("AIFF", "aiff"), ("RF64", "rf64"), ("W64", "w64")])
 def test_truncated_file(tmp_path, fmt, ext):
     if fmt not in sf.available_formats():
         pytest.skip(f"this libsndfile ({sf.__libsndfile_version__}) cannot handle {fmt}")
@@ -132,6 +140,57 @@ def test_truncated_file(tmp_path, fmt, ext):
     cut.write_bytes(data[: len(data) // 2])
     with pytest.raises(AudioError, match=rf"cut\.{ext}: (truncated|cannot decode)"):
         load_audio(cut)
+
+
+def test_aiff_declaring_more_frames_than_its_data(tmp_path):
+    path = _write(tmp_path / "x.aiff", RAMP, format="AIFF", subtype="PCM_16")
+    data = bytearray(path.read_bytes())
+    comm = data.find(b"COMM")
+    data[comm + 10:comm + 14] = struct.pack(">I", 9)  # numSampleFrames: 9, the data holds 4
+    path.write_bytes(data)
+    with pytest.raises(AudioError, match=r"x\.aiff: truncated file: header declares 9 sample frames, only 4"):
+        load_audio(path)
+
+
+@pytest.mark.parametrize("size", [0xFFFFFFFF, 0x7FFFFFFF])
+def test_streamed_wav_of_unknown_length_loads(tmp_path, size):
+    """A WAV written to a pipe cannot seek back to fill in its sizes: they mean "unknown"."""
+    path = _write(tmp_path / "s.wav", RAMP, subtype="FLOAT")
+    data = bytearray(path.read_bytes())
+    chunk = data.find(b"data")
+    data[4:8] = data[chunk + 4:chunk + 8] = struct.pack("<I", size)
+    path.write_bytes(data)
+    wav, _ = load_audio(path)
+    np.testing.assert_array_equal(wav.numpy(), RAMP)
+
+
+def test_mp3_frame_count_is_an_estimate():
+    """An MP3's frame count may be 10% off (estimated from its bit rate); other formats' may not."""
+    _check_complete(Path("x.mp3"), 950, 1000, "", "MP3")
+    with pytest.raises(AudioError, match=r"x\.mp3: truncated file: header declares 1000 samples, only 899"):
+        _check_complete(Path("x.mp3"), 899, 1000, "", "MP3")
+    with pytest.raises(AudioError, match="only 950 could be decoded"):
+        _check_complete(Path("x.wav"), 950, 1000, "", "WAV")
+
+
+def test_soundfile_names_the_mp3_format_as_checked(tmp_path):
+    if "MP3" not in sf.available_formats():
+        pytest.skip(f"this libsndfile ({sf.__libsndfile_version__}) cannot handle MP3")
+    path = _write(tmp_path / "x.mp3", np.zeros(8000, np.float32), format="MP3")
+    assert sf.info(path).format == "MP3"  # the name _check_complete allows for
+
+
+def test_raw_file(tmp_path):
+    path = tmp_path / "x.raw"
+    path.write_bytes(bytes(100))
+    with pytest.raises(AudioError, match=r"x\.raw: headerless RAW audio does not say its sample rate"):
+        load_audio(path)
+
+
+def test_too_short_to_resample(tmp_path):
+    path = _write(tmp_path / "one.wav", np.array([0.5], np.float32), rate=44100)
+    with pytest.raises(AudioError, match=r"one\.wav: too short to resample: 1 samples at 44100 Hz are none at 8000"):
+        load_audio(path, sample_rate=8000)
 
 
 def test_text_file_named_wav(tmp_path):
