@@ -36,8 +36,10 @@ __all__ = [
 
 RULES = ("arithmetic", "geometric")
 GEOMETRIC_FLOOR = 1e-12
-"""Probabilities are floored here before the log in :func:`geometric_mean`: a member
-saying exactly 0 (float32 softmax underflow) costs log(1e-12) = -27.6, not -inf."""
+"""The geometric rule floors every member's probability here (its log-probability at
+log(1e-12) = -27.6), in :func:`geometric_mean` and :func:`combine_log_probs` alike: a member
+saying exactly 0 (float32 softmax underflow), or a log-probability of -200, costs -27.6,
+so one member's extreme "no" pulls a class down hard but cannot veto it alone."""
 
 
 def _stack(probs: np.ndarray | Sequence[np.ndarray]) -> np.ndarray:
@@ -62,7 +64,7 @@ def geometric_mean(probs: np.ndarray | Sequence[np.ndarray], floor: float = GEOM
     """``exp(mean_m log max(p_m, floor))`` renormalised over classes: (M, N, K) -> (N, K)."""
     if not floor > 0:
         raise ValueError(f"floor must be positive ({floor!r} given)")
-    return combine_log_probs(np.log(np.maximum(_stack(probs), floor)), "geometric")
+    return combine_log_probs(np.log(np.maximum(_stack(probs), floor)), "geometric", floor)
 
 
 def combine(probs: np.ndarray | Sequence[np.ndarray], rule: str) -> np.ndarray:
@@ -71,11 +73,13 @@ def combine(probs: np.ndarray | Sequence[np.ndarray], rule: str) -> np.ndarray:
     return arithmetic_mean(probs) if rule == "arithmetic" else geometric_mean(probs)
 
 
-def combine_log_probs(log_probs: np.ndarray, rule: str) -> np.ndarray:
+def combine_log_probs(log_probs: np.ndarray, rule: str, floor: float = GEOMETRIC_FLOOR) -> np.ndarray:
     """Average members given as log-probabilities: (..., N, K) -> probabilities (N, K).
 
     All leading dimensions (models, views) are members. Working in log space keeps the
-    arithmetic mean exact too (log-sum-exp instead of exp of tiny numbers).
+    arithmetic mean exact too (log-sum-exp instead of exp of tiny numbers). The geometric
+    rule first clamps each log-probability at ``log(floor)``, as :func:`geometric_mean`
+    floors probabilities, so both give the same answer.
     """
     _check_rule(rule)
     lp = np.asarray(log_probs, dtype=np.float64)
@@ -83,7 +87,7 @@ def combine_log_probs(log_probs: np.ndarray, rule: str) -> np.ndarray:
     if rule == "arithmetic":
         mixed = _logsumexp(lp, axis=0)[0] - np.log(len(lp))  # log mean_m p_m: (N, K)
     else:
-        mixed = lp.mean(axis=0)  # (N, K), unnormalised
+        mixed = np.maximum(lp, np.log(floor)).mean(axis=0)  # (N, K), unnormalised
     return np.exp(mixed - _logsumexp(mixed, axis=-1))
 
 

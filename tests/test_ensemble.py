@@ -50,6 +50,18 @@ def test_combine_log_probs_matches_probability_rules():
         np.testing.assert_allclose(ensemble.combine_log_probs(np.log(probs), rule), expected, rtol=1e-10)
 
 
+def test_one_extreme_log_prob_cannot_veto_in_log_space_either():
+    # Two members say 0.9 for class 0; a third says log p = -200 (exp underflows to ~1e-87).
+    lp = np.log(np.array([[[0.9, 0.1]], [[0.9, 0.1]], [[1.0, 1.0]]]))  # (M=3, N=1, K=2)
+    lp[2, 0] = [-200.0, 0.0]
+    floored = np.array([[0.9, 0.1], [0.9, 0.1], [ensemble.GEOMETRIC_FLOOR, 1.0]])  # what geometric_mean sees
+    unnormalised = np.exp(np.log(floored).mean(axis=0))
+    expected = unnormalised / unnormalised.sum()
+    np.testing.assert_allclose(ensemble.combine_log_probs(lp, "geometric")[0], expected, rtol=1e-12)
+    np.testing.assert_allclose(ensemble.combine_log_probs(lp, "geometric"), ensemble.geometric_mean(np.exp(lp)),
+                               rtol=1e-12)
+
+
 def test_single_member_is_returned_unchanged():
     probs = np.array([[[0.2, 0.3, 0.5]]])
     for rule in ensemble.RULES:
