@@ -1,6 +1,9 @@
 """Atomic file writes: a temporary file in the same folder, fsync, then rename.
 
 A run killed at any point leaves either the old file or the new one, never half of one.
+Temporary files and folders get the permissions of any new file (0o666 or 0o777 less the
+umask), not ``tempfile``'s owner-only 0o600/0o700: manifests, caches and model bundles
+are meant to be read by other users.
 """
 
 from __future__ import annotations
@@ -8,11 +11,41 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import IO, Any, Iterator
 
-__all__ = ["atomic_path", "atomic_open", "write_text_atomic", "write_json_atomic"]
+__all__ = ["atomic_path", "atomic_open", "write_text_atomic", "write_json_atomic", "make_temp_file",
+           "make_temp_dir"]
+
+_ATTEMPTS = 100  # random names tried before giving up (a clash is already a 1 in 2**32 event)
+
+
+def make_temp_file(folder: Path, prefix: str, suffix: str = "") -> Path:
+    """Create a new empty file ``folder/<prefix><random><suffix>``, mode 0o666 less the umask."""
+    for name in _random_names(folder, prefix, suffix):
+        try:
+            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666))
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder}: could not create a temporary file {prefix}*{suffix}")
+
+
+def make_temp_dir(folder: Path, prefix: str) -> Path:
+    """Create a new empty folder ``folder/<prefix><random>``, mode 0o777 less the umask."""
+    for name in _random_names(folder, prefix, ""):
+        try:
+            name.mkdir(0o777)
+            return name
+        except FileExistsError:
+            continue
+    raise FileExistsError(f"{folder}: could not create a temporary folder {prefix}*")
+
+
+def _random_names(folder: Path, prefix: str, suffix: str) -> Iterator[Path]:
+    for _ in range(_ATTEMPTS):
+        yield Path(folder) / f"{prefix}{secrets.token_hex(4)}{suffix}"
 
 
 @contextlib.contextmanager
@@ -24,9 +57,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=suffix + ".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = make_temp_file(path.parent, f".{path.name}.", suffix + ".tmp")
     try:
         yield tmp_path
         with open(tmp_path, "rb") as f:

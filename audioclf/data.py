@@ -25,7 +25,6 @@ import logging
 import multiprocessing
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,6 +33,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from audioclf._io import make_temp_dir
 from audioclf.audio import check_sample_rate, fix_length, load_audio, placement
 from audioclf.errors import AudioError
 from audioclf.manifest import Manifest
@@ -129,7 +129,7 @@ class WaveformCache:
             logger.warning("%s: cache is damaged; rebuilding it", path)
             shutil.rmtree(path)
         logger.info("caching %d files at %d Hz in %s", len(self.manifest), self.sample_rate, path)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+        tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
         try:
             lengths = self._decode_all(tmp / _DATA)
             offsets = np.concatenate([[0], np.cumsum(lengths, dtype=np.int64)])

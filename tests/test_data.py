@@ -88,6 +88,17 @@ def test_default_cache_dir_comes_from_the_environment(mixed, tmp_path, monkeypat
     assert cache.path.parent == tmp_path / "env-cache"
 
 
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+def test_cache_is_readable_by_others_as_the_umask_allows(mixed, tmp_path):
+    old = os.umask(0o022)
+    try:
+        cache = WaveformCache(mixed, 16000, tmp_path / "cache").build()
+    finally:
+        os.umask(old)
+    assert oct(cache.path.stat().st_mode & 0o777) == oct(0o755)
+    assert {oct(p.stat().st_mode & 0o777) for p in cache.path.iterdir()} == {oct(0o644)}
+
+
 def test_pickled_cache_carries_no_samples_and_reads_the_same(mixed, tmp_path):
     cache = WaveformCache(mixed, 16000, tmp_path / "cache").build()
     blob = pickle.dumps(cache)

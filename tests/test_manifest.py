@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
 import numpy as np
 import pytest
 
+from audioclf._io import atomic_path, write_json_atomic
 from audioclf.commands import manifest as manifest_command
 from audioclf.errors import ManifestError
 from audioclf.manifest import LabelMap, Manifest, Record, build_manifest, read_manifest, write_manifest
@@ -128,6 +130,22 @@ def test_write_then_read_round_trips(tmp_path):
 def test_write_omits_unused_optional_columns(tmp_path):
     write_manifest(Manifest([Record("a.wav", "x")], tmp_path), tmp_path / "out.csv")
     assert (tmp_path / "out.csv").read_text() == "path,label\na.wav,x\n"
+
+
+@pytest.mark.skipif(os.name == "nt", reason="POSIX permissions")
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)], ids=["022", "077"])
+def test_atomic_writes_follow_the_umask(tmp_path, umask, mode):
+    """Manifests, bundles and reports are as readable as any file the user creates."""
+    old = os.umask(umask)
+    try:
+        write_manifest(Manifest([Record("a.wav", "x")], tmp_path), tmp_path / "m.csv")
+        write_json_atomic(tmp_path / "config.json", {"a": 1})
+        with atomic_path(tmp_path / "fold-0.safetensors") as tmp:
+            tmp.write_bytes(b"weights")
+    finally:
+        os.umask(old)
+    modes = {p.name: oct(p.stat().st_mode & 0o777) for p in tmp_path.iterdir()}
+    assert modes == dict.fromkeys(["m.csv", "config.json", "fold-0.safetensors"], oct(mode))
 
 
 def test_subset_keeps_the_parent_label_map():
