@@ -93,41 +93,52 @@ def inner_split(manifest, indices: np.ndarray, val_fraction: float, seed: int = 
     """Split ``indices`` into (fit, validation) the way the folds are split.
 
     Grouped and stratified when the manifest has groups (``round(1 / val_fraction)``
-    group folds, at most one per group; the first is the validation part), else
-    stratified. Both returned arrays are sorted subsets of ``indices``.
+    group folds, at most one per group; the first is the validation part), else a
+    stratified shuffle split: ``round(val_fraction * n)`` of each label's n clips, at least
+    one and at most n - 1, so a small label neither drags every label's share up nor
+    goes unvalidated. Both returned arrays are sorted subsets of ``indices``.
 
     Raises:
         ManifestError: fewer than two groups among ``indices``, or (without groups) a label
             with a single clip.
     """
-    from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+    from sklearn.model_selection import StratifiedGroupKFold
 
     indices = np.asarray(indices, dtype=np.int64)
     targets = manifest.targets()[indices]
     groups = manifest.groups()
-    n_splits = max(2, int(round(1 / val_fraction)))
-    x = np.zeros(len(indices))
     if groups is not None:
         sub_groups = [groups[i] for i in indices]
         n_groups = len(set(sub_groups))
         if n_groups < 2:
             raise ManifestError(f"the training folds hold a single group ({sub_groups[0]!r}); an inner "
                                 "validation split needs at least 2 groups")
-        n_splits = min(n_splits, n_groups)
+        n_splits = min(max(2, int(round(1 / val_fraction))), n_groups)
         splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
-        fit, val = next(splitter.split(x, targets, sub_groups))
+        fit, val = next(splitter.split(np.zeros(len(indices)), targets, sub_groups))
     else:
-        labels, counts = np.unique(targets, return_counts=True)
-        if counts.min() < 2:
-            rare = manifest.labels.decode(int(labels[counts.argmin()]))
-            raise ManifestError(f"label {rare!r} has a single clip in the training folds; a stratified "
-                                "inner validation split needs at least 2 per label (add clips or lower --k)")
-        n_splits = min(n_splits, int(counts.min()))
-        fit, val = next(StratifiedKFold(n_splits=n_splits, shuffle=True, random_state=seed).split(x, targets))
+        fit, val = _stratified_shuffle_split(manifest, targets, val_fraction, seed)
     if abs(len(val) / len(indices) - val_fraction) > 0.05:
-        log.info("inner validation split: %d of %d clips (%.0f%%; %.0f%% asked, whole groups only)",
-                 len(val), len(indices), 100 * len(val) / len(indices), 100 * val_fraction)
+        log.info("inner validation split: %d of %d clips (%.0f%%; %.0f%% asked, %s)", len(val), len(indices),
+                 100 * len(val) / len(indices), 100 * val_fraction,
+                 "whole groups only" if groups is not None else "at least one clip per label")
     return np.sort(indices[fit]), np.sort(indices[val])
+
+
+def _stratified_shuffle_split(manifest, targets: np.ndarray, val_fraction: float, seed: int):
+    """Positions (fit, val) into ``targets``: a shuffled ``val_fraction`` of every label."""
+    rng = np.random.default_rng(seed)
+    fit, val = [], []
+    for label in np.unique(targets):
+        members = rng.permutation(np.flatnonzero(targets == label))
+        if len(members) < 2:
+            raise ManifestError(f"label {manifest.labels.decode(int(label))!r} has a single clip in the training "
+                                "folds; a stratified inner validation split needs at least 2 per label "
+                                "(add clips or lower --k)")
+        n_val = min(max(1, int(round(val_fraction * len(members)))), len(members) - 1)
+        val.append(members[:n_val])
+        fit.append(members[n_val:])
+    return np.concatenate(fit), np.concatenate(val)
 
 
 def split_holdout_groups(manifest, n_groups: int, seed: int = 0):

@@ -102,6 +102,19 @@ def test_inner_split_without_groups_adapts_to_small_classes_and_names_a_single_c
         inner_split(m, np.array([0, 1, 4, 5, 8]), val_fraction=0.15)
 
 
+def test_inner_split_without_groups_honours_val_fraction_per_label():
+    # One label with 2 clips must not push the other labels' validation share to 50%.
+    m = Manifest(make_manifest(n_per_label=40, labels=("b", "c")).records
+                 + [Record("a/0.wav", "a"), Record("a/1.wav", "a")], "/nowhere")
+    fit, val = inner_split(m, np.arange(len(m)), val_fraction=0.2, seed=3)
+    assert set(fit) | set(val) == set(range(len(m))) and not set(fit) & set(val)
+    counts = {m.labels.decode(t): n for t, n in zip(*np.unique(m.targets()[val], return_counts=True))}
+    assert counts == {"a": 1, "b": 8, "c": 8}  # round(0.2 * 40) each; at least one of the small label
+    assert len(val) / len(m) == pytest.approx(17 / 82)
+    again = inner_split(m, np.arange(len(m)), val_fraction=0.2, seed=3)
+    np.testing.assert_array_equal(again[1], val)  # seeded
+
+
 def test_fold_plans_never_select_on_the_held_out_fold():
     m = make_manifest(n_per_label=12, n_groups=6)
     cfg = RunConfig().replace(cv={"k": 3}, train={"val_fraction": 0.2})
