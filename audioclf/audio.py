@@ -27,12 +27,17 @@ import torch
 
 from audioclf.errors import AudioError
 
-__all__ = ["load_audio", "resample", "fix_length", "placement", "check_sample_rate", "MAX_SAMPLE_RATE"]
+__all__ = ["load_audio", "resample", "fix_length", "placement", "check_sample_rate", "MAX_SAMPLE_RATE",
+           "DECODER_ID"]
 
 logger = logging.getLogger(__name__)
 
 MAX_SAMPLE_RATE = 1_000_000
 """Highest sample rate (Hz) accepted anywhere; higher values are almost always a typo."""
+
+_SOXR_QUALITY = "HQ"
+DECODER_ID = f"libsndfile {sf.__libsndfile_version__}, soxr {soxr.__version__} {_SOXR_QUALITY}"
+"""What decodes and resamples on CPU: waveforms cached by another version are not reused."""
 
 # libsndfile's parse log for a file whose header promises more data bytes than it holds:
 # WAV "data : 16000 (should be 7978)", AIFF " SSND : 16008 (should be 7981)", AU
@@ -182,7 +187,7 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
         return AF.resample(waveform, orig_sr, new_sr)
     lead = waveform.shape[:-1]
     x = waveform.detach().to(torch.float32).reshape(-1, waveform.shape[-1]).numpy()  # (..., N) -> (C, N)
-    y = soxr.resample(np.ascontiguousarray(x.T), orig_sr, new_sr, quality="HQ")  # (N, C) -> (M, C)
+    y = soxr.resample(np.ascontiguousarray(x.T), orig_sr, new_sr, quality=_SOXR_QUALITY)  # (N, C) -> (M, C)
     return torch.from_numpy(np.ascontiguousarray(y.T)).reshape(*lead, -1)  # (C, M) -> (..., M)
 
 

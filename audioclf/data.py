@@ -3,13 +3,16 @@
 :class:`WaveformCache` decodes and resamples every file of a manifest once into a single
 float32 array on disk plus an offsets array; epochs, folds and later runs read slices of
 that memory map instead of decoding again. The cache lives in a folder named after a hash
-of the target rate and, for every record, the absolute path, size and modification time
-of its file, so a changed manifest, rate or file gets a new cache instead of a stale one.
+of the target rate, the decoder and resampler versions and, for every record, the
+absolute path, size and modification time of its file, so a changed manifest, rate,
+resampler or file gets a new cache instead of a stale one.
 
 A build writes into a temporary folder and renames it into place when complete, so a
 killed build never leaves anything that looks valid. Two processes building the same
-cache take turns through a file lock (where the OS has ``fcntl``); without one, both build
-and the first rename wins.
+cache take turns through a file lock (where the OS has ``fcntl``). Without one (Windows)
+both may build, each into its own temporary folder; the first rename wins and the other
+process uses that cache. Temporary folders of killed builds are removed by the next build
+(without a lock, only once they are a day old, as another process may still be writing).
 
 :class:`ClipDataset` cuts cached waveforms to a fixed length: a random crop (or random
 placement of a short clip) for training, replayable from ``(seed, epoch, index)``; a
@@ -25,6 +28,7 @@ import logging
 import multiprocessing
 import os
 import shutil
+import time
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -34,7 +38,7 @@ from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
 from audioclf._io import make_temp_dir
-from audioclf.audio import check_sample_rate, fix_length, load_audio, placement
+from audioclf.audio import DECODER_ID, check_sample_rate, fix_length, load_audio, placement
 from audioclf.errors import AudioError
 from audioclf.manifest import Manifest
 
@@ -49,6 +53,7 @@ logger = logging.getLogger(__name__)
 
 _FORMAT = 1  # bump when the on-disk layout changes: old caches are then ignored
 _DATA, _OFFSETS, _META = "waveforms.f32", "offsets.npy", "meta.json"
+_STALE_S = 24 * 3600  # without a lock, a temporary folder untouched this long is a killed build's
 
 
 def default_cache_dir() -> Path:
@@ -86,12 +91,13 @@ class WaveformCache:
     # --- identity -----------------------------------------------------------------------
 
     def key(self) -> str:
-        """Hash of the format version, the rate and each file's absolute path, size and mtime.
+        """Hash of the format version, the rate, the decoder and resampler versions, and each
+        file's absolute path, size and mtime.
 
         Raises:
             AudioError: a file of the manifest does not exist.
         """
-        h = hashlib.sha256(f"audioclf-waveforms:{_FORMAT}:{self.sample_rate}\n".encode())
+        h = hashlib.sha256(f"audioclf-waveforms:{_FORMAT}:{self.sample_rate}:{DECODER_ID}\n".encode())
         for i in range(len(self.manifest)):
             path = os.path.abspath(self.manifest.abspath(i))
             try:
@@ -115,19 +121,21 @@ class WaveformCache:
         path = self.cache_dir / f"{self.sample_rate}hz-{self.key()}"
         if not _is_valid(path, len(self.manifest)):
             self.cache_dir.mkdir(parents=True, exist_ok=True)
-            with _lock(self.cache_dir / f".{path.name}.lock"):
+            with _lock(self.cache_dir / f".{path.name}.lock") as locked:
                 if not _is_valid(path, len(self.manifest)):  # another process may have built it
+                    _sweep_killed_builds(path, locked)
                     self._build_into(path)
         self.path = path
         self._open()
         return self
 
     def _build_into(self, path: Path) -> None:
-        for stale in path.parent.glob(f".{path.name}.tmp-*"):  # killed builds; we hold the lock
-            shutil.rmtree(stale, ignore_errors=True)
         if path.exists():  # damaged after it was built (files deleted or edited by hand)
             logger.warning("%s: cache is damaged; rebuilding it", path)
-            shutil.rmtree(path)
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         logger.info("caching %d files at %d Hz in %s", len(self.manifest), self.sample_rate, path)
         tmp = make_temp_dir(path.parent, f".{path.name}.tmp-")
         try:
@@ -207,26 +215,54 @@ def _decode(job: tuple[int, str, int]) -> np.ndarray:
 
 
 def _is_valid(path: Path, count: int) -> bool:
-    """A cache folder is valid when it is complete: metadata, offsets and data agree."""
+    """A cache folder is valid when it is complete: metadata, offsets and data agree.
+
+    Whatever is wrong with a damaged cache (a file cut short, emptied, or holding other
+    JSON), it is invalid and gets rebuilt; reading it never raises.
+    """
     try:
         meta = json.loads((path / _META).read_text())
         offsets = np.load(path / _OFFSETS)
         size = (path / _DATA).stat().st_size
-    except (OSError, ValueError):
+    except Exception:  # noqa: BLE001 (EOFError, UnicodeDecodeError, ... all mean "damaged")
         return False
-    return (meta.get("format") == _FORMAT and meta.get("count") == count == len(offsets) - 1
-            and size == 4 * int(offsets[-1]) == 4 * meta.get("samples", -1))
+    return (isinstance(meta, dict) and meta.get("format") == _FORMAT and meta.get("count") == count
+            and offsets.shape == (count + 1,) and offsets.dtype == np.int64 and offsets[0] == 0
+            and bool(np.all(np.diff(offsets) >= 0))
+            and meta.get("samples") == int(offsets[-1]) and size == 4 * int(offsets[-1]))
+
+
+def _sweep_killed_builds(path: Path, locked: bool) -> None:
+    """Remove the temporary folders killed builds of ``path`` left behind.
+
+    Under the lock every one is dead. Without a lock another process may be building into
+    one right now, so only folders untouched for :data:`_STALE_S` seconds are removed.
+    """
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        if locked or _idle_seconds(tmp) > _STALE_S:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _idle_seconds(folder: Path) -> float:
+    """Seconds since anything in ``folder`` last changed (0 if it cannot be read)."""
+    try:
+        with os.scandir(folder) as it:
+            newest = max([folder.stat().st_mtime] + [e.stat().st_mtime for e in it])
+    except OSError:
+        return 0.0
+    return time.time() - newest
 
 
 @contextlib.contextmanager
 def _lock(path: Path):
+    """Hold an exclusive lock on ``path``; yields whether one could be taken (not without fcntl)."""
     if fcntl is None:
-        yield
+        yield False
         return
     with open(path, "w") as f:
         fcntl.flock(f, fcntl.LOCK_EX)
         try:
-            yield
+            yield True
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import multiprocessing
 import os
 import pickle
+import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -124,7 +126,7 @@ def test_relabelling_keeps_the_cache(mixed, tmp_path, monkeypatch):
     assert len(calls) == 4
 
 
-@pytest.mark.parametrize("change", ["manifest", "rate", "file"])
+@pytest.mark.parametrize("change", ["manifest", "rate", "resampler", "file"])
 def test_cache_is_rebuilt_when_its_inputs_change(mixed, tmp_path, monkeypatch, change):
     calls = _count_decodes(monkeypatch)
     cache_dir = tmp_path / "cache"
@@ -134,6 +136,8 @@ def test_cache_is_rebuilt_when_its_inputs_change(mixed, tmp_path, monkeypatch, c
         manifest = mixed.subset([3, 0])
     elif change == "rate":
         rate = 8000
+    elif change == "resampler":  # e.g. a soxr upgrade, or another quality setting
+        monkeypatch.setattr(data_module, "DECODER_ID", data_module.DECODER_ID + " (upgraded)")
     else:  # same name, same size, new content and mtime
         x, r = sf.read(mixed.abspath(0), dtype="float32")
         sf.write(mixed.abspath(0), -x, r, subtype="PCM_16")
@@ -193,42 +197,96 @@ def test_killed_build_never_counts_as_valid(mixed, tmp_path, monkeypatch):
     np.testing.assert_array_equal(cache[3], load_audio(mixed.abspath(3), 16000)[0].numpy())
 
 
-@pytest.mark.parametrize("damage", ["truncate data", "delete meta"])
+def _damage(folder: Path, damage: str) -> None:
+    if damage == "truncate data":
+        with open(folder / "waveforms.f32", "r+b") as f:
+            f.truncate(100)
+    elif damage == "delete meta":
+        (folder / "meta.json").unlink()
+    elif damage == "empty offsets":
+        (folder / "offsets.npy").write_bytes(b"")
+    elif damage == "garbage offsets":
+        (folder / "offsets.npy").write_bytes(b"\x93NUMPY garbage")
+    elif damage == "meta null":
+        (folder / "meta.json").write_text("null")
+    elif damage == "meta not utf-8":
+        (folder / "meta.json").write_bytes(b"\xff\xfe{}")
+    elif damage == "offsets a folder":
+        (folder / "offsets.npy").unlink()
+        (folder / "offsets.npy").mkdir()
+
+
+@pytest.mark.parametrize("damage", ["truncate data", "delete meta", "empty offsets", "garbage offsets",
+                                    "meta null", "meta not utf-8", "offsets a folder"])
 def test_damaged_cache_is_rebuilt(mixed, tmp_path, damage):
     cache = WaveformCache(mixed, 16000, tmp_path / "cache").build()
     expected = np.array(cache[1])
-    if damage == "truncate data":
-        with open(cache.path / "waveforms.f32", "r+b") as f:
-            f.truncate(100)
-    else:
-        (cache.path / "meta.json").unlink()
+    _damage(cache.path, damage)
     again = WaveformCache(mixed, 16000, tmp_path / "cache").build()
     np.testing.assert_array_equal(again[1], expected)
+    assert _cache_dirs(tmp_path / "cache") == [cache.path.name]
 
 
-def _build_logging_decodes(manifest, cache_dir, log):
-    real = data_module._decode
+def _build_in_turn(manifest, cache_dir, log, first_decoding, second_started, second_building):
+    """Build; the first of two such processes holds its first decode until the second has
+    started and either begun building too (no working lock) or waited a second for the lock."""
+    real_decode, real_build_into = data_module._decode, WaveformCache._build_into
 
-    def logged(job):
+    def decode(job):
         with open(log, "a") as f:
             f.write(job[1] + "\n")
-        return real(job)
+        if not first_decoding.is_set():  # the first process, on its first file
+            first_decoding.set()
+            second_started.wait(timeout=30)
+            second_building.wait(timeout=1.0)  # set at once when the lock lets both in
+        return real_decode(job)
 
-    data_module._decode = logged
+    def build_into(self, path):
+        if first_decoding.is_set():  # the second process got past the lock while the first decodes
+            second_building.set()
+        real_build_into(self, path)
+
+    data_module._decode = decode
+    WaveformCache._build_into = build_into
+    if first_decoding.is_set():
+        second_started.set()
     WaveformCache(manifest, 16000, cache_dir).build()
 
 
 def test_two_processes_building_at_once_share_one_build(mixed, tmp_path):
+    """The second process asks for the cache while the first is decoding into it: it waits
+    for the lock, then reuses the first one's cache instead of decoding again."""
     cache_dir, log = tmp_path / "cache", tmp_path / "decodes.log"
-    children = [FORK.Process(target=_build_logging_decodes, args=(mixed, cache_dir, log)) for _ in range(2)]
-    for c in children:
-        c.start()
-    for c in children:
+    events = [FORK.Event() for _ in range(3)]  # first decoding, second started, second building
+    first = FORK.Process(target=_build_in_turn, args=(mixed, cache_dir, log, *events))
+    first.start()
+    assert events[0].wait(timeout=30)
+    second = FORK.Process(target=_build_in_turn, args=(mixed, cache_dir, log, *events))
+    second.start()
+    for c in (first, second):
         c.join()
-    assert [c.exitcode for c in children] == [0, 0]
-    assert len(log.read_text().splitlines()) == 4  # the second waited for the first, then reused it
+    assert [first.exitcode, second.exitcode] == [0, 0]
+    assert not events[2].is_set()  # the second never built while the first held the lock
+    assert len(log.read_text().splitlines()) == 4  # one build in all
     cache = WaveformCache(mixed, 16000, cache_dir).build()
     assert _cache_dirs(cache_dir) == [cache.path.name]
+
+
+def test_without_a_lock_only_stale_temporary_folders_are_swept(mixed, tmp_path, monkeypatch):
+    """Without fcntl another process may be writing into a temporary folder right now."""
+    monkeypatch.setattr(data_module, "fcntl", None)
+    cache_dir = tmp_path / "cache"
+    name = WaveformCache(mixed, 16000, cache_dir).build().path.name
+    shutil.rmtree(cache_dir / name)
+    live, stale = cache_dir / f".{name}.tmp-live", cache_dir / f".{name}.tmp-killed"
+    for folder in (live, stale):
+        folder.mkdir()
+        (folder / "waveforms.f32").write_bytes(bytes(8))
+    two_days_ago = time.time() - 2 * 24 * 3600
+    for p in (stale / "waveforms.f32", stale):
+        os.utime(p, (two_days_ago, two_days_ago))
+    WaveformCache(mixed, 16000, cache_dir).build()
+    assert _cache_dirs(cache_dir) == sorted([name, live.name])
 
 
 # --- ClipDataset ------------------------------------------------------------------------
