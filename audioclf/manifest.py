@@ -11,16 +11,21 @@ as strings, e.g. Speech Commands' official ``split``.
 
 Reading validates everything and reports every problem at once, with line numbers, in a
 single :class:`~audioclf.errors.ManifestError`. Builders for official dataset layouts live
-in :mod:`audioclf.layouts`; :func:`build_manifest` dispatches to them.
+in :mod:`audioclf.layouts`; :func:`build_manifest` dispatches to them. Both apply the same
+row checks (:func:`check_records`), so a built manifest always reads back.
 """
 
 from __future__ import annotations
 
+import codecs
 import csv
 import dataclasses
 import hashlib
+import io
 import json
+import operator
 import os
+import posixpath
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,8 +83,12 @@ class LabelMap:
         return np.array([self.index(label) for label in labels], dtype=np.int64)
 
     def decode(self, i: int) -> str:
-        """Target -> label name."""
-        return self.names[int(i)]
+        """Target -> label name. Raises ManifestError for a target outside [0, len)."""
+        i = operator.index(i)
+        if not 0 <= i < len(self.names):
+            raise ManifestError(f"target {i} is not in [0, {len(self.names)}): the label map has "
+                                f"{len(self.names)} labels")
+        return self.names[i]
 
 
 class Manifest:
@@ -96,6 +105,7 @@ class Manifest:
         self.records: list[Record] = list(records)
         self.root = Path(root)
         self.labels = labels if labels is not None else LabelMap(r.label for r in self.records)
+        self.left_out: list[str] = []  # files of the dataset a builder dropped as unreadable
 
     def __len__(self) -> int:
         return len(self.records)
@@ -147,17 +157,20 @@ class Manifest:
         return h.hexdigest()
 
     def summary(self) -> str:
-        """One line: rows, labels, folds, groups."""
+        """One line: rows, labels, folds, groups (and files left out as unreadable, if any)."""
         folds = self.folds()
         groups = self.groups()
         n_folds = len(set(folds.tolist())) if folds is not None else 0
         n_groups = len(set(groups)) if groups is not None else 0
-        return f"{len(self)} rows, {len(self.labels)} labels, {n_folds} folds, {n_groups} groups"
+        line = f"{len(self)} rows, {len(self.labels)} labels, {n_folds} folds, {n_groups} groups"
+        if self.left_out:
+            line += f", {len(self.left_out)} unreadable file(s) left out"
+        return line
 
 
 def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None,
                   check_files: bool = True) -> Manifest:
-    """Read and validate a manifest CSV.
+    """Read and validate a manifest CSV (UTF-8).
 
     Args:
         path: the CSV file.
@@ -168,76 +181,137 @@ def read_manifest(path: str | os.PathLike, root: str | os.PathLike | None = None
         The :class:`Manifest`.
 
     Raises:
-        ManifestError: listing every problem with its line number: missing column, empty
+        ManifestError: a file that is not UTF-8 CSV text, has no header or no rows; or,
+            listing every problem with its line number: missing or duplicate column, empty
             path or label, duplicate path, non-integer or partly missing fold/group, wrong
             number of fields, missing file.
     """
     path = Path(path)
     root = Path(root) if root is not None else path.parent
-    if not path.is_file():
+    if not path.exists():
         raise ManifestError(f"{path}: no such manifest file")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f)
-        header = next(reader, None)
-        if header is None:
-            raise ManifestError(f"{path}: empty file; expected a header line 'path,label[,fold][,group]'")
-        header = [h.strip() for h in header]
-        missing = [c for c in REQUIRED if c not in header]
-        if missing:
-            raise ManifestError(f"{path}: invalid manifest", [
-                f"line 1: missing column {c!r} (header is {','.join(header)})" for c in missing])
-        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
-    records, problems = _parse_rows(header, rows)
-    problems += _check_optional_columns(header, rows, records)
+    header, rows = read_csv_rows(path)
+    if header is None:
+        raise ManifestError(f"{path}: empty file; expected a header line 'path,label[,fold][,group]'")
+    _check_header(header, path)
+    if not rows:
+        raise ManifestError(f"{path}: has no rows, only the header; a manifest lists at least one file")
+    lines, records, problems = _parse_rows(header, rows)
+    problems += check_records(records, lines)
     if check_files:
         problems += [(line, f"file not found: {root / r.path}")
-                     for line, r in records if not (root / r.path).is_file()]
+                     for line, r in zip(lines, records) if r.path and not (root / r.path).is_file()]
     if problems:
         raise ManifestError(f"{path}: {len(problems)} problem(s) in the manifest",
                             [f"line {line}: {message}" for line, message in sorted(problems)])
-    return Manifest([r for _, r in records], root)
+    return Manifest(records, root)
 
 
-def _parse_rows(header: list[str], rows: list[tuple[int, list[str]]]) -> tuple[list, list]:
-    """Rows -> (line, Record) pairs plus every problem found, as (line, message)."""
-    records, problems, first_line = [], [], {}
+def read_csv_rows(path: Path) -> tuple[list[str] | None, list[tuple[int, list[str]]]]:
+    """The header (cells stripped; None for an empty file) and the non-blank rows, each
+    with its line number, of a UTF-8 CSV file (a leading byte-order mark is allowed).
+
+    Raises:
+        ManifestError: naming the file: it cannot be read, is not UTF-8 text (with the
+            byte offset and line), or is not valid CSV (with the line).
+    """
+    reader = csv.reader(io.StringIO(read_utf8(path), newline=""))
+    try:
+        header = next(reader, None)
+        rows = [(reader.line_num, row) for row in reader if any(cell.strip() for cell in row)]
+    except csv.Error as e:
+        raise ManifestError(f"{path}: line {reader.line_num}: not valid CSV ({e})") from None
+    return ([h.strip() for h in header] if header is not None else None), rows
+
+
+def read_utf8(path: Path) -> str:
+    """The text of a UTF-8 file (a leading byte-order mark is dropped).
+
+    Raises:
+        ManifestError: naming the file: it cannot be read, or is not UTF-8 text (with the
+            offset and line of the first bad byte), or holds NUL bytes (a binary file).
+    """
+    try:
+        data = path.read_bytes()
+    except IsADirectoryError:
+        raise ManifestError(f"{path}: is a folder, expected a text file") from None
+    except OSError as e:
+        raise ManifestError(f"{path}: cannot read file ({e.strerror or e})") from None
+    skip = len(codecs.BOM_UTF8) if data.startswith(codecs.BOM_UTF8) else 0
+    try:
+        text = data[skip:].decode("utf-8")
+    except UnicodeDecodeError as e:
+        offset = skip + e.start
+        raise ManifestError(f"{path}: not UTF-8 text: byte 0x{data[offset]:02x} at offset {offset} "
+                            f"(line {_line_at(data, offset)}); save it as UTF-8 "
+                            "(or is it a binary file?)") from None
+    if "\x00" in text:
+        offset = data.index(b"\x00")
+        raise ManifestError(f"{path}: NUL byte at offset {offset} (line {_line_at(data, offset)}); "
+                            "a binary file, not text")
+    return text
+
+
+def _line_at(data: bytes, offset: int) -> int:
+    return data.count(b"\n", 0, offset) + 1
+
+
+def _check_header(header: list[str], path: Path) -> None:
+    problems = [f"line 1: missing column {c!r} (header is {','.join(header)})"
+                for c in REQUIRED if c not in header]
+    problems += [f"line 1: duplicate column {c!r}" for c in dict.fromkeys(header) if header.count(c) > 1]
+    if problems:
+        raise ManifestError(f"{path}: invalid manifest", problems)
+
+
+def _parse_rows(header: list[str], rows: list[tuple[int, list[str]]]) -> tuple[list, list, list]:
+    """Rows -> their lines and Records, plus the rows that are not records, as (line, message).
+
+    A row with the wrong number of fields or a non-integer fold is reported here and not
+    checked further.
+    """
+    lines, records, problems = [], [], []
     extras = [c for c in header if c not in REQUIRED + OPTIONAL]
     for line, row in rows:
         if len(row) != len(header):
             problems.append((line, f"{len(row)} fields, the header has {len(header)}"))
             continue
         cells = {c: v.strip() for c, v in zip(header, row)}
-        if not cells["path"]:
-            problems.append((line, "empty path"))
-            continue
-        if not cells["label"]:
-            problems.append((line, f"empty label for {cells['path']!r}"))
-        if cells["path"] in first_line:
-            problems.append((line, f"duplicate path {cells['path']!r} "
-                                   f"(first on line {first_line[cells['path']]})"))
-        first_line.setdefault(cells["path"], line)
         fold = cells.get("fold") or None
         if fold is not None:
             try:
                 fold = int(fold)
             except ValueError:
                 problems.append((line, f"fold {fold!r} is not an integer"))
-                fold = None
-        records.append((line, Record(cells["path"], cells["label"], fold, cells.get("group") or None,
-                                     {c: cells[c] for c in extras})))
-    return records, problems
+                continue
+        lines.append(line)
+        records.append(Record(cells["path"], cells["label"], fold, cells.get("group") or None,
+                              {c: cells[c] for c in extras}))
+    return lines, records, problems
 
 
-def _check_optional_columns(header, rows, records) -> list[tuple[int, str]]:
-    """A fold or group column is either empty throughout or filled on every row."""
-    problems = []
-    raw = {line: dict(zip(header, row)) for line, row in rows}
-    for column in OPTIONAL:
-        if column not in header:
+def check_records(records: Sequence[Record], lines: Sequence[int]) -> list[tuple[int, str]]:
+    """Problems of the rows themselves, as (line, message), ``lines[i]`` being record i's.
+
+    Empty path or label; a duplicate path (``./a.wav`` is ``a.wav``); a fold or group
+    given on some rows but not on others. Applied by :func:`read_manifest` and by every
+    dataset builder, so that a built manifest is one the reader accepts.
+    """
+    problems, first_line = [], {}
+    for line, r in zip(lines, records):
+        if not r.path:
+            problems.append((line, "empty path"))
             continue
-        empty = [line for line, _ in records if not raw[line][column].strip()]
-        if empty and len(empty) < len(records):
-            problems += [(line, f"empty {column} (other rows have one)") for line in empty]
+        if not r.label:
+            problems.append((line, f"empty label for {r.path!r}"))
+        key = posixpath.normpath(r.path)
+        if key in first_line:
+            problems.append((line, f"duplicate path {r.path!r} (first on line {first_line[key]})"))
+        first_line.setdefault(key, line)
+    for column in OPTIONAL:
+        empty = [(line, r.path) for line, r in zip(lines, records) if getattr(r, column) in (None, "")]
+        if 0 < len(empty) < len(records):
+            problems += [(line, f"empty {column} for {path!r} (other rows have one)") for line, path in empty]
     return problems
 
 

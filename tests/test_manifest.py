@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import subprocess
 import sys
 
@@ -35,6 +36,12 @@ def test_label_map_is_sorted_unique_and_round_trips():
     assert labels.encode(["dog"]).dtype == np.int64
     assert [labels.decode(i) for i in range(3)] == labels.names
     assert labels == LabelMap(["cat", "bird", "dog"])  # order of appearance does not matter
+
+
+@pytest.mark.parametrize("target", [-1, 3])
+def test_label_map_decode_rejects_targets_out_of_range(target):
+    with pytest.raises(ManifestError, match=rf"target {target} is not in \[0, 3\): the label map has 3 labels"):
+        LabelMap(["bird", "cat", "dog"]).decode(target)
 
 
 def test_label_map_rejects_unknown_label():
@@ -101,17 +108,60 @@ def test_missing_column(tmp_path):
 
 def test_partly_filled_group_is_a_problem(tmp_path):
     path = _csv(tmp_path, "path,label,group\na.wav,x,s1\nb.wav,x,\n", files=["a.wav", "b.wav"])
-    with pytest.raises(ManifestError, match=r"line 3: empty group \(other rows have one\)"):
+    with pytest.raises(ManifestError, match=r"line 3: empty group for 'b.wav' \(other rows have one\)"):
         read_manifest(path)
 
 
-@pytest.mark.parametrize("text, message", [(None, "no such manifest file"), ("", "empty file")])
-def test_missing_or_empty_manifest_file(tmp_path, text, message):
+@pytest.mark.parametrize("text, message", [(None, "no such manifest file"), ("", "empty file"),
+                                           ("path,label\n", "has no rows, only the header"),
+                                           ("path,label\n\n  \n", "has no rows, only the header")],
+                         ids=["missing", "empty", "header only", "header and blank lines"])
+def test_missing_empty_or_header_only_manifest_file(tmp_path, text, message):
     path = tmp_path / "m.csv"
     if text is not None:
         path.write_text(text)
-    with pytest.raises(ManifestError, match=message):
+    with pytest.raises(ManifestError, match=rf"m\.csv: {message}"):
         read_manifest(path)
+
+
+def test_a_folder_is_not_a_manifest(tmp_path):
+    (tmp_path / "m.csv").mkdir()
+    with pytest.raises(ManifestError, match=r"m\.csv: is a folder, expected a text file"):
+        read_manifest(tmp_path / "m.csv")
+
+
+@pytest.mark.parametrize("data, message", [
+    ("path,label\n\u00e9.wav,x\n".encode("cp1252"), r"not UTF-8 text: byte 0xe9 at offset 11 \(line 2\); save it as UTF-8"),
+    (b"\xef\xbb\xbfpath,label\na.wav,\xe9\n", r"not UTF-8 text: byte 0xe9 at offset 20 \(line 2\)"),
+    (bytes(range(256)), r"not UTF-8 text: byte 0x80 at offset 128 \(line 2\)"),
+    (b"path,label\na.wav,x\x00\n", r"NUL byte at offset 18 \(line 2\); a binary file, not text"),
+    (b'path,label\n"' + b"a" * 200_000 + b'",x\n', r"line 2: not valid CSV \(field larger than field limit"),
+], ids=["cp1252", "bom then latin-1", "binary", "nul", "huge field"])
+def test_unreadable_manifest_text_names_the_file_and_the_place(tmp_path, data, message):
+    path = tmp_path / "m.csv"
+    path.write_bytes(data)
+    with pytest.raises(ManifestError, match=r"m\.csv: " + message):
+        read_manifest(path, check_files=False)
+
+
+def test_utf8_with_a_byte_order_mark_reads(tmp_path):
+    path = _csv(tmp_path, "", files=["\u00e9.wav"])
+    path.write_bytes("path,label\n\u00e9.wav,x\n".encode("utf-8-sig"))
+    assert read_manifest(path).records == [Record("\u00e9.wav", "x")]
+
+
+def test_duplicate_column(tmp_path):
+    path = _csv(tmp_path, "path,label,label\na.wav,x,y\n", files=["a.wav"])
+    with pytest.raises(ManifestError, match=r"line 1: duplicate column 'label'"):
+        read_manifest(path)
+
+
+@pytest.mark.parametrize("first, second", [("a.wav", "./a.wav"), ("sub/a.wav", "sub//a.wav"),
+                                           ("sub/a.wav", "other/../sub/a.wav")])
+def test_duplicate_path_written_another_way(tmp_path, first, second):
+    path = _csv(tmp_path, f"path,label\n{first},x\n{second},y\n", files=[first])
+    with pytest.raises(ManifestError, match=rf"line 3: duplicate path '{re.escape(second)}' \(first on line 2\)"):
+        read_manifest(path, check_files=False)
 
 
 # --- writing, subsets, hashing ----------------------------------------------------------
