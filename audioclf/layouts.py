@@ -18,11 +18,15 @@ Formats (layout; folds; group):
   ``_background_noise_`` is excluded.
 - ``gtzan``: ``genres_original/<genre>/<genre>.000NN.wav`` (the Kaggle copy) or
   ``genres/<genre>/<genre>.000NN.au`` (the original archive); the first found is used.
+  Each file's header is read, and unreadable files are left out with a warning (the
+  Kaggle copy's ``jazz/jazz.00054.wav`` is one); ``Manifest.left_out`` lists them.
+
+Every builder's rows pass the checks :func:`~audioclf.manifest.read_manifest` applies
+(:func:`~audioclf.manifest.check_records`), so a manifest written from one reads back.
 """
 
 from __future__ import annotations
 
-import csv
 import logging
 import os
 import re
@@ -30,7 +34,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from audioclf.errors import ManifestError
-from audioclf.manifest import Manifest, Record
+from audioclf.manifest import Manifest, Record, check_records, read_csv_rows, read_utf8
 
 __all__ = ["FORMATS", "build_manifest", "AUDIO_EXTENSIONS"]
 
@@ -51,6 +55,10 @@ def build_manifest(format: str, root: str | os.PathLike) -> Manifest:
     manifest = builder(root)
     if not len(manifest):
         raise ManifestError(f"{root}: no audio files found in the {format} layout")
+    problems = check_records(manifest.records, range(2, len(manifest) + 2))
+    if problems:  # the builders check their own inputs; this keeps the promise for any new one
+        raise ManifestError(f"{root}: the {format} layout gives rows a manifest cannot hold",
+                            [message for _, message in problems])
     logger.debug("%s (%s): %s", root, format, manifest.summary())
     return manifest
 
@@ -70,21 +78,39 @@ def _files(folder: Path | str, extensions=AUDIO_EXTENSIONS) -> list[str]:
                       and os.path.splitext(e.name)[1].lower() in extensions)
 
 
-def _require(path: Path, what: str) -> Path:
-    if not path.exists():
-        raise ManifestError(f"{path}: not found; expected {what}")
+def _require_dir(path: Path, what: str) -> Path:
+    if not path.is_dir():
+        raise ManifestError(f"{path}: {'is not a folder' if path.exists() else 'not found'}; expected {what}")
     return path
 
 
-def _read_metadata(path: Path, columns: tuple[str, ...], dataset: str) -> list[dict[str, str]]:
-    _require(path, f"the official {dataset} metadata file")
-    with open(path, newline="", encoding="utf-8-sig") as f:
-        reader = csv.DictReader(f)
-        missing = [c for c in columns if c not in (reader.fieldnames or [])]
-        if missing:
-            raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; "
-                                f"the official {dataset} file has {','.join(columns)}")
-        return list(reader)
+def _require_file(path: Path, what: str) -> Path:
+    if not path.is_file():
+        raise ManifestError(f"{path}: {'is not a file' if path.exists() else 'not found'}; expected {what}")
+    return path
+
+
+def _read_metadata(path: Path, columns: tuple[str, ...], dataset: str) -> list[tuple[int, dict[str, str]]]:
+    """The rows of an official metadata CSV, each with its line number, cells stripped."""
+    header, rows = read_csv_rows(_require_file(path, f"the official {dataset} metadata file"))
+    missing = [c for c in columns if c not in (header or [])]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}; "
+                            f"the official {dataset} file has {','.join(columns)}")
+    short = [f"line {line}: {len(row)} fields, the header has {len(header)}"
+             for line, row in rows if len(row) != len(header)]
+    if short:
+        raise ManifestError(f"{path}: {len(short)} row(s) with the wrong number of fields", short)
+    return [(line, {c: v.strip() for c, v in zip(header, row)}) for line, row in rows]
+
+
+def _checked(records: list[Record], lines: list[int], source: Path) -> list[Record]:
+    """``records`` if they pass :func:`check_records`, else a ManifestError citing ``source``'s lines."""
+    problems = check_records(records, lines)
+    if problems:
+        raise ManifestError(f"{source}: {len(problems)} problem(s) in the rows",
+                            [f"line {line}: {message}" for line, message in sorted(problems)])
+    return records
 
 
 def _check_present(expected: list[str], present: set[str], root: Path, source: str) -> None:
@@ -95,10 +121,10 @@ def _check_present(expected: list[str], present: set[str], root: Path, source: s
                             f"are missing: {shown}")
 
 
-def _int_column(rows: list[dict[str, str]], column: str, path: Path) -> list[int]:
+def _int_column(rows: list[tuple[int, dict[str, str]]], column: str, path: Path) -> list[int]:
     bad = []
     values = []
-    for line, row in enumerate(rows, start=2):
+    for line, row in rows:
         try:
             values.append(int(row[column]))
         except ValueError:
@@ -133,7 +159,7 @@ _FSDD_NAME = re.compile(r"^(\d)_([A-Za-z0-9-]+)_(\d+)\.wav$")
 
 def fsdd(root: Path) -> Manifest:
     """Free Spoken Digit Dataset: ``recordings/{digit}_{speaker}_{take}.wav``; group = speaker."""
-    folder = _require(root / "recordings", "recordings/ holding {digit}_{speaker}_{take}.wav files")
+    folder = _require_dir(root / "recordings", "recordings/ holding {digit}_{speaker}_{take}.wav files")
     names = _files(folder, {".wav"})
     parsed, bad = [], []
     for name in names:
@@ -157,11 +183,13 @@ def esc50(root: Path) -> Manifest:
     """ESC-50: ``meta/esc50.csv`` and ``audio/``; label = category, official folds, group = src_file."""
     meta = root / "meta" / "esc50.csv"
     rows = _read_metadata(meta, _ESC50_COLUMNS, "ESC-50")
-    audio = _require(root / "audio", "audio/ holding the ESC-50 clips")
+    audio = _require_dir(root / "audio", "audio/ holding the ESC-50 clips")
     folds = _int_column(rows, "fold", meta)
-    _check_present([r["filename"] for r in rows], set(_files(audio)), audio, "meta/esc50.csv")
-    return Manifest([Record(f"audio/{r['filename']}", r["category"], fold, r["src_file"],
-                            {"esc10": r["esc10"]}) for r, fold in zip(rows, folds)], root)
+    records = [Record(f"audio/{r['filename']}", r["category"], fold, r["src_file"], {"esc10": r["esc10"]})
+               for (_, r), fold in zip(rows, folds)]
+    _checked(records, [line for line, _ in rows], meta)
+    _check_present([r["filename"] for _, r in rows], set(_files(audio)), audio, "meta/esc50.csv")
+    return Manifest(records, root)
 
 
 _US8K_COLUMNS = ("slice_file_name", "fsID", "start", "end", "salience", "fold", "classID", "class")
@@ -171,16 +199,17 @@ def urbansound8k(root: Path) -> Manifest:
     """UrbanSound8K: ``metadata/UrbanSound8K.csv``, ``audio/fold<k>/``; official folds; group = fsID."""
     meta = root / "metadata" / "UrbanSound8K.csv"
     rows = _read_metadata(meta, _US8K_COLUMNS, "UrbanSound8K")
-    _require(root / "audio", "audio/fold1 ... audio/fold10 holding the UrbanSound8K clips")
+    _require_dir(root / "audio", "audio/fold1 ... audio/fold10 holding the UrbanSound8K clips")
     folds = _int_column(rows, "fold", meta)
+    records = [Record(f"audio/fold{k}/{r['slice_file_name']}", r["class"], k, r["fsID"],
+                      {"salience": r["salience"]}) for (_, r), k in zip(rows, folds)]
+    _checked(records, [line for line, _ in rows], meta)
     present = set()
     for k in sorted(set(folds)):
         if (root / "audio" / f"fold{k}").is_dir():
             present.update(f"audio/fold{k}/{name}" for name in _files(root / "audio" / f"fold{k}"))
-    paths = [f"audio/fold{k}/{r['slice_file_name']}" for r, k in zip(rows, folds)]
-    _check_present(paths, present, root, "metadata/UrbanSound8K.csv")
-    return Manifest([Record(p, r["class"], k, r["fsID"], {"salience": r["salience"]})
-                     for p, r, k in zip(paths, rows, folds)], root)
+    _check_present([r.path for r in records], present, root, "metadata/UrbanSound8K.csv")
+    return Manifest(records, root)
 
 
 _SC_LISTS = {"validation": "validation_list.txt", "test": "testing_list.txt"}
@@ -195,21 +224,21 @@ def speechcommands(root: Path) -> Manifest:
     """
     split_of: dict[str, str] = {}
     for split, name in _SC_LISTS.items():
-        listed = _require(root / name, f"the official {name} of Speech Commands v2").read_text().split()
-        split_of.update(dict.fromkeys(listed, split))
+        listed = _require_file(root / name, f"the official {name} of Speech Commands v2")
+        split_of.update(dict.fromkeys(read_utf8(listed).split(), split))
     records, bad = [], []
     for entry in _subdirs(root):
         if entry.name == "_background_noise_":
             continue
         for name in _files(entry.path, {".wav"}):
             speaker, sep, _ = name.partition("_nohash_")
-            if not sep:
+            if not sep or not speaker:
                 bad.append(f"{entry.name}/{name}")
             path = f"{entry.name}/{name}"
             records.append(Record(path, entry.name, group=speaker, extra={"split": split_of.get(path, "train")}))
     if bad:
-        raise ManifestError(f"{root}: {len(bad)} file name(s) lack '_nohash_' (expected "
-                            f"<speaker>_nohash_<n>.wav): " + ", ".join(bad[:_SHOW]))
+        raise ManifestError(f"{root}: {len(bad)} file name(s) are not <speaker>_nohash_<n>.wav: "
+                            + ", ".join(bad[:_SHOW]) + (", ..." if len(bad) > _SHOW else ""))
     _check_present(sorted(split_of), {r.path for r in records}, root, "validation_list.txt/testing_list.txt")
     return Manifest(records, root)
 
@@ -218,7 +247,10 @@ _GTZAN_NAME = re.compile(r"^([a-z]+)\.\d{5}\.(wav|au)$")
 
 
 def gtzan(root: Path) -> Manifest:
-    """GTZAN: ``genres_original/<genre>/`` (Kaggle copy) or ``genres/<genre>/`` (original archive)."""
+    """GTZAN: ``genres_original/<genre>/`` (Kaggle copy) or ``genres/<genre>/`` (original archive).
+
+    Files whose audio header cannot be read are left out with a warning naming each.
+    """
     candidates = [root / "genres_original", root / "genres"]
     folder = next((c for c in candidates if c.is_dir()), None)
     if folder is None:
@@ -234,8 +266,40 @@ def gtzan(root: Path) -> Manifest:
             records.append(Record(f"{folder.name}/{entry.name}/{name}", entry.name))
     if bad:
         raise ManifestError(f"{folder}: {len(bad)} file name(s) are not <genre>/<genre>.000NN.wav: "
-                            + ", ".join(bad[:_SHOW]))
-    return Manifest(records, root)
+                            + ", ".join(bad[:_SHOW]) + (", ..." if len(bad) > _SHOW else ""))
+    readable, left_out = _split_readable(records, root)
+    if records and not readable:
+        raise ManifestError(f"{folder}: none of the {len(records)} audio files can be read: "
+                            + ", ".join(left_out[:_SHOW]) + (", ..." if len(left_out) > _SHOW else ""))
+    manifest = Manifest(readable, root)
+    manifest.left_out = left_out
+    return manifest
+
+
+def _split_readable(records: list[Record], root: Path) -> tuple[list[Record], list[str]]:
+    """The records whose file has a readable audio header, and the paths of the others (logged)."""
+    readable, left_out = [], []
+    for r in records:
+        problem = _header_problem(root / r.path)
+        if problem is None:
+            readable.append(r)
+        else:
+            logger.warning("%s: unreadable audio (%s); left out of the manifest", root / r.path, problem)
+            left_out.append(r.path)
+    return readable, left_out
+
+
+def _header_problem(path: Path) -> str | None:
+    """Why ``path`` has no usable audio header, or None when it has one (no audio is decoded)."""
+    import soundfile as sf  # noqa: PLC0415 (`audioclf manifest` starts without numpy)
+
+    try:
+        info = sf.info(str(path))
+    except (RuntimeError, OSError) as e:  # sf.LibsndfileError is a RuntimeError
+        return getattr(e, "error_string", None) or str(e)
+    if info.format == "RAW":  # libsndfile's guess for an .au without its header
+        return "no audio header"
+    return None if info.frames > 0 else "no samples"
 
 
 FORMATS: dict[str, Callable[[Path], Manifest]] = {

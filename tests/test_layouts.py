@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -11,8 +13,9 @@ import soundfile as sf
 from audioclf.audio import load_audio
 from audioclf.commands import manifest as manifest_command
 from audioclf.errors import ManifestError
+from audioclf import layouts
 from audioclf.layouts import FORMATS
-from audioclf.manifest import build_manifest
+from audioclf.manifest import Manifest, Record, build_manifest, read_manifest, write_manifest
 
 
 def _touch(root: Path, *paths: str) -> None:
@@ -80,6 +83,12 @@ def test_fsdd_bad_file_name(tmp_path):
         build_manifest("fsdd", tmp_path)
 
 
+def test_fsdd_recordings_is_a_file(tmp_path):
+    _write(tmp_path, "recordings", "")
+    with pytest.raises(ManifestError, match=r"recordings: is not a folder; expected recordings/"):
+        build_manifest("fsdd", tmp_path)
+
+
 def test_real_fsdd(fsdd_dir):
     m = build_manifest("fsdd", fsdd_dir)
     assert len(m) == 3000 and m.labels.names == [str(d) for d in range(10)]
@@ -128,6 +137,46 @@ def test_esc50_wrong_columns(tmp_path):
         build_manifest("esc50", tmp_path)
 
 
+def _esc50(root: Path, csv_text: str = ESC50_CSV) -> None:
+    _write(root, "meta/esc50.csv", csv_text)
+    _touch(root, *[f"audio/{line.split(',')[0]}" for line in ESC50_CSV.splitlines()[1:]])
+
+
+def test_esc50_short_rows_are_named_with_their_lines(tmp_path):
+    _esc50(tmp_path, ESC50_CSV + "1-100039-A-0.wav,1\n\n2-100040-A-0.wav\n")
+    with pytest.raises(ManifestError, match=r"esc50\.csv: 2 row\(s\) with the wrong number of fields") as e:
+        build_manifest("esc50", tmp_path)
+    assert e.value.problems == ["line 6: 2 fields, the header has 7", "line 8: 1 fields, the header has 7"]
+
+
+@pytest.mark.parametrize("change, problem", [
+    (lambda text: text.replace(",dog,", ",,"), "line 2: empty label for 'audio/1-100032-A-0.wav'"),
+    (lambda text: text + text.splitlines()[3] + "\n", "line 6: duplicate path 'audio/2-100648-A-43.wav' "
+                                                      "(first on line 4)"),
+    (lambda text: text.replace(",100038,", ",,"), "line 3: empty group for 'audio/1-100038-A-14.wav' "
+                                                  "(other rows have one)"),
+], ids=["empty category", "duplicate row", "empty src_file"])
+def test_esc50_rows_get_the_checks_read_manifest_applies(tmp_path, change, problem):
+    _esc50(tmp_path, change(ESC50_CSV))
+    with pytest.raises(ManifestError, match=r"esc50\.csv: 1 problem\(s\) in the rows") as e:
+        build_manifest("esc50", tmp_path)
+    assert e.value.problems == [problem]
+
+
+def test_esc50_metadata_not_utf8(tmp_path):
+    _esc50(tmp_path)
+    (tmp_path / "meta/esc50.csv").write_bytes(ESC50_CSV.replace("dog", "d\u00f6g").encode("cp1252"))
+    with pytest.raises(ManifestError, match=r"esc50\.csv: not UTF-8 text: byte 0xf6 at offset \d+ \(line 2\)"):
+        build_manifest("esc50", tmp_path)
+
+
+def test_esc50_metadata_is_a_folder(tmp_path):
+    _touch(tmp_path, "audio/1-100032-A-0.wav")
+    (tmp_path / "meta/esc50.csv").mkdir(parents=True)
+    with pytest.raises(ManifestError, match=r"esc50\.csv: is not a file; expected the official ESC-50 metadata"):
+        build_manifest("esc50", tmp_path)
+
+
 # --- UrbanSound8K -----------------------------------------------------------------------
 
 US8K_CSV = """slice_file_name,fsID,start,end,salience,fold,classID,class
@@ -154,6 +203,14 @@ def test_urbansound8k_file_in_the_wrong_fold_folder(tmp_path):
            "audio/fold9/102305-6-0-0.wav")
     with pytest.raises(ManifestError, match=r"1 of 3 files .* missing: audio/fold10/102305-6-0-0.wav"):
         build_manifest("urbansound8k", tmp_path)
+
+
+def test_urbansound8k_short_row(tmp_path):
+    _write(tmp_path, "metadata/UrbanSound8K.csv", US8K_CSV + "102306-6-0-0.wav,102306,0.0\n")
+    _touch(tmp_path, "audio/fold5/100032-3-0-0.wav")
+    with pytest.raises(ManifestError, match=r"UrbanSound8K\.csv: 1 row\(s\) with the wrong number") as e:
+        build_manifest("urbansound8k", tmp_path)
+    assert e.value.problems == ["line 5: 3 fields, the header has 8"]
 
 
 # --- Speech Commands v2 -----------------------------------------------------------------
@@ -197,6 +254,21 @@ def test_speechcommands_listed_file_missing(tmp_path):
         build_manifest("speechcommands", tmp_path)
 
 
+@pytest.mark.parametrize("name", ["0a7c2a8d_0.wav", "_nohash_0.wav"])
+def test_speechcommands_names_without_a_speaker_hash(tmp_path, name):
+    _speechcommands(tmp_path)
+    _touch(tmp_path, f"yes/{name}")
+    with pytest.raises(ManifestError, match=rf"1 file name\(s\) are not <speaker>_nohash_<n>.wav: yes/{name}$"):
+        build_manifest("speechcommands", tmp_path)
+
+
+def test_speechcommands_split_list_not_utf8(tmp_path):
+    _speechcommands(tmp_path)
+    (tmp_path / "validation_list.txt").write_bytes(b"\xff\xfeyes/1b4c9b89_nohash_0.wav\n")
+    with pytest.raises(ManifestError, match=r"validation_list\.txt: not UTF-8 text: byte 0xff at offset 0"):
+        build_manifest("speechcommands", tmp_path)
+
+
 # --- GTZAN ------------------------------------------------------------------------------
 
 
@@ -218,7 +290,64 @@ def test_gtzan_wrong_layout(tmp_path):
         build_manifest("gtzan", tmp_path)
 
 
+def test_gtzan_misnamed_files(tmp_path):
+    _touch(tmp_path, "genres_original/blues/blues.00000.wav", "genres_original/blues/rock.00001.wav",
+           "genres_original/blues/blues1.wav")
+    with pytest.raises(ManifestError, match=r"2 file name\(s\) are not <genre>/<genre>.000NN.wav: "
+                                            r"blues/blues1.wav, blues/rock.00001.wav"):
+        build_manifest("gtzan", tmp_path)
+
+
+def test_gtzan_leaves_out_unreadable_files(tmp_path, caplog, capsys):
+    """The Kaggle copy's jazz.00054.wav cannot be read: the manifest goes on without it."""
+    _touch(tmp_path, "genres_original/jazz/jazz.00053.wav", "genres_original/jazz/jazz.00054.wav",
+           "genres_original/rock/rock.00000.wav")
+    (tmp_path / "genres_original/jazz/jazz.00054.wav").write_bytes(b"\x00" * 1000)
+    with caplog.at_level(logging.WARNING, logger="audioclf.layouts"):
+        m = build_manifest("gtzan", tmp_path)
+    assert [r.path for r in m.records] == ["genres_original/jazz/jazz.00053.wav", "genres_original/rock/rock.00000.wav"]
+    assert m.left_out == ["genres_original/jazz/jazz.00054.wav"]
+    assert "jazz.00054.wav: unreadable audio (" in caplog.text
+    out = tmp_path / "gtzan.csv"
+    parser = argparse.ArgumentParser()
+    manifest_command.add_arguments(parser)
+    manifest_command.run(parser.parse_args(["--format", "gtzan", str(tmp_path), "-o", str(out)]))
+    assert capsys.readouterr().out == f"{out}: 2 rows, 2 labels, 0 folds, 0 groups, 1 unreadable file(s) left out\n"
+
+
+def test_gtzan_with_no_readable_file(tmp_path):
+    _write(tmp_path, "genres/blues/blues.00000.au", "not audio at all")
+    with pytest.raises(ManifestError, match=r"none of the 1 audio files can be read: genres/blues/blues.00000.au"):
+        build_manifest("gtzan", tmp_path)
+
+
 # --- common -----------------------------------------------------------------------------
+
+
+def test_every_built_manifest_reads_back(tmp_path):
+    """What `audioclf manifest` writes, read_manifest accepts, for every layout."""
+    _touch(tmp_path / "folders", "dog/a.wav", "cat/b.wav")
+    _touch(tmp_path / "fsdd", "recordings/0_jackson_0.wav")
+    _esc50(tmp_path / "esc50")
+    _write(tmp_path / "urbansound8k", "metadata/UrbanSound8K.csv", US8K_CSV)
+    _touch(tmp_path / "urbansound8k", "audio/fold5/100032-3-0-0.wav", "audio/fold5/100263-2-0-117.wav",
+           "audio/fold10/102305-6-0-0.wav")
+    _speechcommands(tmp_path / "speechcommands")
+    _touch(tmp_path / "gtzan", "genres/blues/blues.00000.au")
+    for format in FORMATS:
+        built = build_manifest(format, tmp_path / format)
+        write_manifest(built, tmp_path / f"{format}.csv")
+        back = read_manifest(tmp_path / f"{format}.csv", root=tmp_path / format)
+        assert back.content_hash() == built.content_hash(), format
+
+
+def test_a_builder_cannot_produce_rows_the_reader_rejects(tmp_path, monkeypatch):
+    monkeypatch.setitem(layouts.FORMATS, "folders", lambda root: Manifest([Record("a.wav", "")], root))
+    with pytest.raises(ManifestError, match="the folders layout gives rows a manifest cannot hold") as e:
+        build_manifest("folders", tmp_path)
+    assert e.value.problems == ["empty label for 'a.wav'"]
+
+
 
 
 @pytest.mark.parametrize("format", sorted(FORMATS))
