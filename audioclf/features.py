@@ -62,7 +62,8 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0
     (constant energy per band); None leaves peaks at 1.
     """
     f_max = sample_rate / 2 if f_max is None else f_max
-    fft_freqs = torch.linspace(0, sample_rate / 2, n_fft // 2 + 1, dtype=torch.float64)
+    # Bin k is at k * sample_rate / n_fft (for odd n_fft the last bin is below sample_rate / 2).
+    fft_freqs = torch.fft.rfftfreq(n_fft, 1.0 / sample_rate, dtype=torch.float64)
     mel_lo, mel_hi = _hz_to_mel(torch.tensor([f_min, f_max], dtype=torch.float64), scale)
     hz = _mel_to_hz(torch.linspace(mel_lo, mel_hi, n_mels + 2, dtype=torch.float64), scale)
     width = hz.diff()  # (n_mels + 1,)
@@ -78,17 +79,18 @@ def mel_filterbank(sample_rate: int, n_fft: int, n_mels: int, f_min: float = 0.0
 def _mel_bands(fb: Tensor, group: int = 16) -> list[tuple[int, int, int, int]]:
     """Split the filters into groups of ``group`` neighbours and the FFT bins each group touches.
 
-    Returns (bin_lo, bin_hi, mel_lo, mel_hi) tuples; projecting only ``power[..., bin_lo:bin_hi]``
-    onto ``fb[bin_lo:bin_hi, mel_lo:mel_hi]`` skips the zeros of the dense matrix.
+    Returns (bin_lo, bin_hi, mel_lo, mel_hi) tuples, one per group; projecting only
+    ``power[..., bin_lo:bin_hi]`` onto ``fb[bin_lo:bin_hi, mel_lo:mel_hi]`` skips the zeros
+    of the dense matrix. A group whose filters are all zero (more mel bands than the FFT
+    resolves, e.g. n_fft=256 with 512 mels) has bin_lo == bin_hi: its energies are 0.
     """
     n_freqs, n_mels = fb.shape
     bands = []
     for m0 in range(0, n_mels, group):
         m1 = min(n_mels, m0 + group)
         rows = torch.nonzero(fb[:, m0:m1].abs().sum(1)).flatten()
-        if len(rows) == 0:
-            continue
-        bands.append((int(rows[0]), int(rows[-1]) + 1, m0, m1))
+        lo, hi = (int(rows[0]), int(rows[-1]) + 1) if len(rows) else (0, 0)
+        bands.append((lo, hi, m0, m1))
     return bands
 
 
@@ -182,10 +184,9 @@ class LogMel(nn.Module):
                 f"n_mels={self.n_mels}, normalize={self.normalize!r}")
 
     def num_frames(self, n_samples: int) -> int:
-        """Number of frames T for a clip of ``n_samples`` samples."""
-        if self.center:
-            return 1 + n_samples // self.hop_length
-        return 1 + (n_samples - self.n_fft) // self.hop_length
+        """Number of frames T for a clip of ``n_samples`` samples (as librosa counts them)."""
+        padded = n_samples + 2 * (self.n_fft // 2) if self.center else n_samples
+        return 1 + (padded - self.n_fft) // self.hop_length
 
     def min_samples(self) -> int:
         """Shortest clip accepted: one full frame of ``n_fft`` samples."""
@@ -281,7 +282,10 @@ class LogMel(nn.Module):
                 power = self._power(chunk)  # (b, T, n_freqs)
             mel = out[start:start + chunk_size]  # (b, n_mels, T): written in place, no transpose
             for lo, hi, m0, m1, weights in blocks:  # (g, k) @ (b, k, T) -> (b, g, T)
-                torch.matmul(weights, power[..., lo:hi].mT, out=mel[:, m0:m1])
+                if lo == hi:  # filters that cover no FFT bin: zero energy, as in the dense product
+                    mel[:, m0:m1].zero_()
+                else:
+                    torch.matmul(weights, power[..., lo:hi].mT, out=mel[:, m0:m1])
             if finish is not None:
                 finish(mel)
 

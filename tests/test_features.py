@@ -10,6 +10,10 @@ noise (a pure tone's far bins are 80+ dB down). Measured: ~2e-5 dB and ~1e-6 of 
 
 from __future__ import annotations
 
+import threading
+import time
+import warnings
+
 import librosa
 import numpy as np
 import pytest
@@ -58,6 +62,10 @@ PARITY_CASES = {
     "magnitude": {"power": 1.0},
     "no-center-band-short-window": {"center": False, "f_min": 50.0, "f_max": 7000.0, "win_length": 800},
     "small-fft-no-top-db": {"n_fft": 512, "hop_length": 128, "n_mels": 40, "top_db": None, "amin": 1e-6},
+    # odd n_fft: n_fft // 2 padding, bins at k * sr / n_fft; N = 8000 is a multiple of the hop
+    "odd-fft": {"n_fft": 511, "hop_length": 160, "n_mels": 40},
+    "odd-fft-odd-window-no-center": {"n_fft": 401, "win_length": 301, "hop_length": 100, "n_mels": 40,
+                                     "center": False},
 }
 
 
@@ -72,10 +80,11 @@ def test_matches_librosa_clip_by_clip(kwargs):
         _assert_same_db(out[i, 0].numpy(), _librosa_db(x[i].numpy(), logmel))
 
 
+@pytest.mark.parametrize("n_fft", [1024, 1023])
 @pytest.mark.parametrize("scale,norm", [("slaney", "slaney"), ("htk", None), ("htk", "slaney")])
-def test_filterbank_matches_librosa(scale, norm):
-    ours = mel_filterbank(22050, 1024, 64, 30.0, 8000.0, scale, norm)
-    ref = librosa.filters.mel(sr=22050, n_fft=1024, n_mels=64, fmin=30.0, fmax=8000.0,
+def test_filterbank_matches_librosa(scale, norm, n_fft):
+    ours = mel_filterbank(22050, n_fft, 64, 30.0, 8000.0, scale, norm)
+    ref = librosa.filters.mel(sr=22050, n_fft=n_fft, n_mels=64, fmin=30.0, fmax=8000.0,
                               htk=scale == "htk", norm=norm)
     np.testing.assert_allclose(ours.T.numpy(), ref, rtol=1e-5, atol=1e-8)
 
@@ -112,10 +121,51 @@ def test_tone_peaks_in_the_band_of_its_frequency():
 
 
 @pytest.mark.parametrize("center", [True, False])
-@pytest.mark.parametrize("n", [1024, 1025, 5000])
-def test_num_frames_matches_output(center, n):
-    logmel = LogMel(SR, n_mels=32, center=center)
-    assert logmel(torch.randn(1, n)).shape[-1] == logmel.num_frames(n)
+@pytest.mark.parametrize("n_fft", [1024, 1023])
+@pytest.mark.parametrize("n", [1024, 1025, 5000, 5120])  # 5120 = 16 hops
+def test_num_frames_matches_librosa_and_both_paths(center, n_fft, n):
+    logmel = LogMel(SR, n_fft=n_fft, hop_length=320, n_mels=32, center=center)
+    frames = librosa.stft(np.zeros(n, dtype=np.float32), n_fft=n_fft, hop_length=320,
+                          center=center, pad_mode="constant").shape[1]
+    x = torch.randn(1, n)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # e.g. "An output with one or more elements was resized"
+        cpu = logmel(x)
+    dense = logmel(x.clone().requires_grad_())
+    assert logmel.num_frames(n) == frames == cpu.shape[-1] == dense.shape[-1]
+
+
+@pytest.mark.parametrize("kwargs", PARITY_CASES.values(), ids=PARITY_CASES.keys())
+def test_cpu_path_equals_the_dense_path(kwargs):
+    # The CPU path (chunks, in place, banded projection) against the dense one accelerators
+    # and autograd use.
+    x = _signals()
+    logmel = LogMel(SR, **kwargs)
+    cpu, dense = logmel(x), logmel(x.clone().requires_grad_()).detach()
+    assert cpu.shape == dense.shape
+    torch.testing.assert_close(cpu, dense, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("sample_rate,n_fft,n_mels", [(32000, 256, 512), (32000, 64, 128)])
+def test_filters_with_no_fft_bin_give_the_log_floor(sample_rate, n_fft, n_mels):
+    # More mel bands than the FFT resolves: some groups of 16 filters are all zero, and the
+    # CPU path skips them. Their rows must be 10 log10(amin), as in librosa, not stale memory.
+    logmel = LogMel(sample_rate, n_fft=n_fft, hop_length=n_fft // 2, n_mels=n_mels, top_db=None)
+    empty = logmel.mel_fb.sum(0) == 0  # (n_mels,)
+    assert empty.sum() >= 16
+    x = torch.randn(3, 4000)
+    junk = torch.full((3, n_mels, logmel.num_frames(4000)), 1e6)  # leave garbage for new_empty
+    del junk
+    cpu = logmel(x)[:, 0]
+    assert (cpu[:, empty] == -100.0).all()  # amin = 1e-10
+    torch.testing.assert_close(cpu, logmel(x.clone().requires_grad_())[:, 0].detach(), atol=1e-3, rtol=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # librosa: "Empty filters detected in mel frequency basis"
+        ref = _librosa_db(x[0].numpy(), logmel)
+    _assert_same_db(cpu[0].numpy(), ref)
+    # with top_db, the stale rows also moved each clip's peak and so its floor
+    floored = LogMel(sample_rate, n_fft=n_fft, hop_length=n_fft // 2, n_mels=n_mels)
+    torch.testing.assert_close(floored(x), floored(x.clone().requires_grad_()).detach(), atol=1e-3, rtol=0)
 
 
 def test_dataset_normalization_uses_saved_statistics():
