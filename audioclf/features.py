@@ -348,6 +348,7 @@ def _require(ok: bool, name: str, value, allowed: str) -> None:
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own
 _pool_lock = threading.Lock()
+_POOL_SIZE = os.cpu_count() or 1
 
 
 def _run_chunks(fn: Callable[[int], None], starts: range) -> None:
@@ -356,11 +357,11 @@ def _run_chunks(fn: Callable[[int], None], starts: range) -> None:
     Each chunk runs single-threaded and the threads take chunks as they become free.
     Per-op parallelism would split every small op over all cores and wait for the
     slowest at each op; on a shared machine that costs up to 10x (measured), while
-    chunk-level parallelism only slows by the share of the busy core. While the chunks
-    run, torch's thread count is 1 for the whole process (restored afterwards).
+    chunk-level parallelism only slows by the share of the busy core. The chunks run on
+    a pool of worker threads that each keep one intra-op thread (see :func:`_chunk_pool`);
+    the caller's and every other thread's torch thread count are left alone.
     """
-    global _pool
-    workers = min(torch.get_num_threads(), len(starts))
+    workers = min(torch.get_num_threads(), len(starts), _POOL_SIZE)
     if workers <= 1:
         for start in starts:
             fn(start)
@@ -378,16 +379,37 @@ def _run_chunks(fn: Callable[[int], None], starts: range) -> None:
                     return
                 fn(start)
 
-    with _pool_lock:  # one parallel section at a time: it sets torch's thread count
+    pool = _chunk_pool()
+    for job in [pool.submit(worker) for _ in range(workers)]:
+        job.result()
+
+
+def _chunk_pool() -> ThreadPoolExecutor:
+    """The process's chunk workers, one per core, each with one intra-op thread; started on first use.
+
+    ``torch.set_num_threads`` sets the calling thread's count and also the process-wide
+    value that any thread takes on its first torch call. So each worker sets 1 for
+    itself, once, and then the process-wide value is put back (the caller's own count
+    does not change): threads started later get the usual count, not the workers' 1.
+    """
+    global _pool
+    with _pool_lock:
         if _pool is None or _pool[0] != os.getpid():
-            _pool = (os.getpid(), ThreadPoolExecutor(os.cpu_count() or 1, "audioclf-logmel"))
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)  # ops inside the workers run on one thread each
-        try:
-            for job in [_pool[1].submit(worker) for _ in range(workers)]:
-                job.result()
-        finally:
+            threads = torch.get_num_threads()
+            pool = ThreadPoolExecutor(_POOL_SIZE, "audioclf-logmel", initializer=_one_intra_op_thread)
+            started = threading.Barrier(_POOL_SIZE + 1)
+            for _ in range(_POOL_SIZE):  # each waits here, so each submit starts a new worker
+                pool.submit(started.wait)
+            started.wait()  # every worker has run its initializer
             torch.set_num_threads(threads)
+            _pool = (os.getpid(), pool)
+        return _pool[1]
+
+
+def _one_intra_op_thread() -> None:
+    """Pool initializer: this worker thread runs torch ops on one thread."""
+    torch.get_num_threads()  # torch's lazy per-thread set-up first, else it would undo the next line
+    torch.set_num_threads(1)
 
 
 @torch.no_grad()

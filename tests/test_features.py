@@ -309,6 +309,45 @@ def test_gradients_flow_to_the_waveform():
         torch.testing.assert_close(LogMel(SR, n_mels=32, top_db=None)(x), out, atol=1e-4, rtol=0)
 
 
+def test_chunk_workers_run_single_threaded_and_leave_other_threads_alone():
+    logmel = LogMel(SR, n_mels=32)
+    logmel.chunk_values = 1  # one clip per chunk: parallel sections on every call
+    x = torch.randn(8, SR // 2)
+    saved = torch.get_num_threads()
+    stop, calls, seen = threading.Event(), [], []
+
+    def busy() -> None:
+        while not stop.is_set():
+            logmel(x)
+            calls.append(1)
+
+    def probe() -> None:  # a thread whose first torch call may land inside a parallel section
+        seen.append(torch.get_num_threads())
+
+    try:
+        torch.set_num_threads(2)
+        logmel(x)  # starts the worker pool (once per process)
+        worker = threading.Thread(target=busy)
+        worker.start()
+        probes = []
+        for _ in range(20):
+            probes.append(threading.Thread(target=probe))
+            probes[-1].start()
+            time.sleep(0.005)
+        for p in probes:
+            p.join()
+        stop.set()
+        worker.join()
+        assert len(calls) >= 1
+        assert seen == [2] * 20  # before: a thread starting during a call kept 1 thread for good
+        assert torch.get_num_threads() == 2
+        from audioclf.features import _chunk_pool
+        assert _chunk_pool().submit(torch.get_num_threads).result() == 1
+    finally:
+        stop.set()
+        torch.set_num_threads(saved)
+
+
 def test_parallel_chunks_match_one_thread_and_restore_the_thread_count():
     x = torch.cat([_signals()] * 3)  # 12 clips: several chunks
     logmel = LogMel(SR, n_mels=64)
