@@ -8,6 +8,7 @@ folder into place. An existing folder is never overwritten.
 
 from __future__ import annotations
 
+import http.client
 import logging
 import os
 import shutil
@@ -25,7 +26,6 @@ from audioclf.layouts import AUDIO_EXTENSIONS
 __all__ = ["DatasetSpec", "DATASETS", "download_dataset", "count_audio_files", "default_fsdd_dir"]
 
 log = logging.getLogger(__name__)
-
 
 
 @dataclass(frozen=True)
@@ -80,14 +80,20 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def default_fsdd_dir() -> Path | None:
-    """$AUDIOCLF_FSDD_DIR, else ``../shared/datasets/fsdd`` from the working folder or the checkout."""
+    """Where FSDD is expected when no folder is given.
+
+    ``$AUDIOCLF_FSDD_DIR`` whenever it is set, even if it holds no FSDD copy: the caller
+    then reports that folder as missing instead of silently using another one. Otherwise
+    ``../shared/datasets/fsdd`` from the working folder or from the checkout, where one
+    of them holds ``recordings/``; else None.
+    """
     env = os.environ.get("AUDIOCLF_FSDD_DIR")
-    candidates = [env] if env else []
+    if env:
+        return Path(env)
     here = Path(__file__).resolve().parents[1]
-    candidates += [Path.cwd().parent / "shared/datasets/fsdd", here.parent / "shared/datasets/fsdd"]
-    for c in candidates:
-        if c and (Path(c) / "recordings").is_dir():
-            return Path(c)
+    for c in (Path.cwd().parent / "shared/datasets/fsdd", here.parent / "shared/datasets/fsdd"):
+        if (c / "recordings").is_dir():
+            return c
     return None
 
 
@@ -162,8 +168,9 @@ def _fetch(url: str, out: Path, timeout: float, spec: DatasetSpec, dest: Path) -
                 while chunk := response.read(1 << 20):
                     f.write(chunk)
                     bar.update(len(chunk))
-    except (urllib.error.URLError, OSError, TimeoutError) as e:
-        reason = getattr(e, "reason", e)
+    except (urllib.error.URLError, OSError, TimeoutError, http.client.HTTPException, ValueError) as e:
+        # HTTPException: the connection broke mid-transfer (IncompleteRead); ValueError: a malformed URL
+        reason = getattr(e, "reason", None) or e
         raise ManifestError(f"could not download {spec.title} from {url} ({reason}); "
                             f"{_manual_hint(spec, dest)}") from None
 

@@ -183,6 +183,22 @@ class LogMel(nn.Module):
         return (f"sample_rate={self.sample_rate}, n_fft={self.n_fft}, hop_length={self.hop_length}, "
                 f"n_mels={self.n_mels}, normalize={self.normalize!r}")
 
+    def _apply(self, fn, recurse=True):
+        """Move buffers as asked (``.to``, ``.cuda``) but keep them float32.
+
+        The front end computes in float32 whatever the model around it is cast to
+        (``model.half()``, ``.bfloat16()``, ``.double()``): half-precision filters would
+        cost ~0.05 dB, and the input is cast to float32 anyway.
+        """
+        float32 = {name: buffer for name, buffer in self._buffers.items()
+                   if buffer is not None and buffer.dtype == torch.float32}
+        super()._apply(fn, recurse)
+        for name, original in float32.items():
+            moved = self._buffers[name]
+            if moved.dtype != torch.float32:  # cast: move the original instead (no rounding)
+                self._buffers[name] = original.to(moved.device)
+        return self
+
     def num_frames(self, n_samples: int) -> int:
         """Number of frames T for a clip of ``n_samples`` samples (as librosa counts them)."""
         padded = n_samples + 2 * (self.n_fft // 2) if self.center else n_samples
@@ -225,17 +241,21 @@ class LogMel(nn.Module):
                 NaN or Inf samples.
         """
         self._check_input(waveforms)
-        with torch.autocast(waveforms.device.type, enabled=False):
-            db = self.log_mel(waveforms.float())  # (B, n_mels, T)
-            db = self._normalize(db)
+        db = self._normalize(self.log_mel(waveforms))  # (B, n_mels, T), float32
         return db.unsqueeze(1)  # (B, n_mels, T) -> (B, 1, n_mels, T)
 
     def log_mel(self, waveforms: Tensor) -> Tensor:
-        """Un-normalized log-mel in dB: (B, N) float32 -> (B, n_mels, T) float32 (no checks)."""
-        differentiable = waveforms.requires_grad and torch.is_grad_enabled()
-        if waveforms.device.type == "cpu" and not differentiable:  # in place, chunk by chunk
-            return self._mel_banded(waveforms, finish=lambda mel: self._to_db(mel, inplace=True))
-        return self._to_db(self._mel_dense(waveforms))
+        """Un-normalized log-mel in dB: (B, N) floating point -> (B, n_mels, T) float32 (no checks).
+
+        Always float32 math, even under an ambient autocast (which would run the dense mel
+        product in bfloat16 or float16, ~0.1 dB off).
+        """
+        with torch.autocast(waveforms.device.type, enabled=False):
+            waveforms = waveforms.float()
+            differentiable = waveforms.requires_grad and torch.is_grad_enabled()
+            if waveforms.device.type == "cpu" and not differentiable:  # in place, chunk by chunk
+                return self._mel_banded(waveforms, finish=lambda mel: self._to_db(mel, inplace=True))
+            return self._to_db(self._mel_dense(waveforms))
 
     def _mel_dense(self, x: Tensor) -> Tensor:
         """(B, N) -> (B, n_mels, T) mel energies: the whole batch at once (for accelerators).
@@ -440,7 +460,7 @@ def compute_normalization_stats(logmel: LogMel, batches: Iterable[Tensor | Seque
             batch = batch[0]  # (waveforms, targets)
         batch = batch.to(device)
         logmel._check_input(batch)
-        db = logmel.log_mel(batch.float()).double()  # (B, n_mels, T)
+        db = logmel.log_mel(batch).double()  # (B, n_mels, T)
         total += db.sum(dim=(0, 2))
         total_sq += db.square().sum(dim=(0, 2))
         count += db.shape[0] * db.shape[2]

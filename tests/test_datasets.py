@@ -8,6 +8,7 @@ an unreachable server is ``http://127.0.0.1:9`` (the discard port, closed) or a 
 from __future__ import annotations
 
 import dataclasses
+import http.client
 import io
 import shutil
 import tarfile
@@ -107,6 +108,44 @@ def test_unreachable_server_says_how_to_download_by_hand(tmp_path):
     assert leftovers(tmp_path, dest) == []
 
 
+class _BrokenTransfer:
+    """A response whose connection drops after the first chunk."""
+
+    headers = {"Content-Length": "1000"}
+
+    def __init__(self):
+        self.calls = 0
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+    def read(self, n):
+        self.calls += 1
+        if self.calls > 1:
+            raise http.client.IncompleteRead(b"", 900)
+        return b"x" * 100
+
+
+def test_a_broken_transfer_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr("urllib.request.urlopen", lambda url, timeout=None: _BrokenTransfer())
+    dest = tmp_path / "esc50"
+    with pytest.raises(ManifestError, match=r"could not download ESC-50 from http://mirror.example/esc50.zip "
+                                            r"\(IncompleteRead\(0 bytes read, 900 more expected\)\); download"):
+        download_dataset(ESC50, dest, url="http://mirror.example/esc50.zip")
+    assert leftovers(tmp_path, dest) == []
+
+
+def test_a_malformed_url_is_a_clear_error(tmp_path):
+    dest = tmp_path / "esc50"
+    with pytest.raises(ManifestError, match=r"could not download ESC-50 from mirror/esc50.zip "
+                                            r"\(unknown url type: 'mirror/esc50.zip'\)"):
+        download_dataset(ESC50, dest, url="mirror/esc50.zip")
+    assert leftovers(tmp_path, dest) == []
+
+
 def test_a_dataset_without_a_public_archive(tmp_path):
     with pytest.raises(ManifestError, match="GTZAN genre collection has no public download address: download"):
         download_dataset(DATASETS["gtzan"], tmp_path / "gtzan")
@@ -135,8 +174,28 @@ def test_default_fsdd_dir_follows_the_environment(tmp_path, monkeypatch):
     (tmp_path / "recordings").mkdir()
     monkeypatch.setenv("AUDIOCLF_FSDD_DIR", str(tmp_path))
     assert default_fsdd_dir() == tmp_path
-    monkeypatch.setenv("AUDIOCLF_FSDD_DIR", str(tmp_path / "elsewhere"))
-    assert default_fsdd_dir() != tmp_path / "elsewhere"
+
+
+def test_default_fsdd_dir_falls_back_beside_the_working_folder(tmp_path, monkeypatch):
+    (tmp_path / "shared/datasets/fsdd/recordings").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.delenv("AUDIOCLF_FSDD_DIR", raising=False)
+    assert default_fsdd_dir() == tmp_path / "shared/datasets/fsdd"
+
+
+def test_a_wrong_fsdd_dir_in_the_environment_is_reported_not_replaced(tmp_path, monkeypatch):
+    """A copy at the fallback location exists, yet the folder the user named is the one used."""
+    (tmp_path / "shared/datasets/fsdd/recordings").mkdir(parents=True)
+    (tmp_path / "work").mkdir()
+    monkeypatch.chdir(tmp_path / "work")
+    monkeypatch.setenv("AUDIOCLF_FSDD_DIR", str(tmp_path / "typo"))
+    assert default_fsdd_dir() == tmp_path / "typo"
+    err = io.StringIO()
+    with redirect_stdout(io.StringIO()), redirect_stderr(err):
+        code = recipe.main(REPO / "recipes" / "fsdd.toml", ["--preset", "cpu", "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert f"{tmp_path / 'typo'}: does not exist; expected Free Spoken Digit Dataset" in err.getvalue()
 
 
 def test_recipe_download_from_a_mirror_then_builds_the_manifest(tmp_path, archives, monkeypatch):

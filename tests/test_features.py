@@ -201,13 +201,32 @@ def test_set_normalization_rejects_bad_statistics():
         compute_normalization_stats(logmel, [])
 
 
-def test_autocast_keeps_float32_math_on_cpu():
+def test_autocast_keeps_float32_math_on_the_dense_path():
+    # A waveform that needs gradients takes the dense path (a plain matmul, which autocast
+    # would run in bfloat16, ~0.1 dB off); log_mel is public and must be guarded itself.
     x = _signals()
     logmel = LogMel(SR, n_mels=64)
+    expected = logmel.log_mel(x)
+    grad_x = x.clone().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = logmel(x)
-    assert out.dtype == torch.float32
-    torch.testing.assert_close(out, logmel(x))  # bfloat16 matmuls would be off by ~0.1 dB
+        direct = logmel.log_mel(grad_x)
+        out = logmel(grad_x)
+        fast = logmel(x)
+    for got in (direct, out[:, 0], fast[:, 0]):
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.detach(), expected, atol=1e-3, rtol=0)
+
+
+@pytest.mark.parametrize("cast", ["half", "bfloat16", "double"])
+def test_casting_the_module_keeps_float32_math(cast):
+    # model.half() / .double() casts every submodule; the front end keeps its float32 buffers.
+    x = _signals()
+    expected = LogMel(SR, n_mels=32, normalize="dataset")(x)
+    logmel = getattr(LogMel(SR, n_mels=32, normalize="dataset"), cast)()
+    assert all(b.dtype == torch.float32 for b in logmel.buffers())
+    torch.testing.assert_close(logmel(x), expected, atol=0, rtol=0)
+    torch.testing.assert_close(logmel(x.clone().requires_grad_()).detach(), expected, atol=1e-3, rtol=0)
+    assert logmel.to(torch.float16).mel_fb.dtype == torch.float32
 
 
 def test_half_precision_input_is_accepted():
@@ -288,6 +307,21 @@ def test_cuda_matches_cpu_and_keeps_float32_under_autocast():
     mean, std = torch.linspace(-50, -20, 128), torch.linspace(5, 15, 128)
     norm.set_normalization(mean, std)
     torch.testing.assert_close(norm(x.cuda()).cpu(), (out.cpu() - mean[:, None]) / std[:, None])
+    # log_mel and the statistics are guarded too, not only forward
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        direct = gpu.log_mel(x.cuda())
+        stats = compute_normalization_stats(gpu, [x])
+    assert direct.dtype == torch.float32
+    torch.testing.assert_close(direct.cpu(), out[:, 0].cpu(), atol=1e-4, rtol=0)
+    for got, ref in zip(stats, compute_normalization_stats(gpu, [x])):
+        torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-5)
+    # odd n_fft and filters with no FFT bin: the dense CUDA path equals the CPU path
+    for kwargs in ({"sample_rate": SR, "n_fft": 511, "hop_length": 160},
+                   {"sample_rate": 32000, "n_fft": 256, "hop_length": 64, "n_mels": 512}):
+        cpu_other, gpu_other = LogMel(**kwargs)(x), LogMel(**kwargs).to("cuda")(x.cuda()).cpu()
+        assert gpu_other.shape == cpu_other.shape
+        for i in range(len(x)):
+            _assert_same_db(gpu_other[i, 0].numpy(), cpu_other[i, 0].numpy())
 
 
 @pytest.mark.parametrize("power", [1.0, 2.0])
