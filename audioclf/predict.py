@@ -14,7 +14,14 @@ block by block (aligned to the resampling period, with a margin so block edges m
 whole-file resampling), so memory stays bounded whatever the file's length.
 
 Each window is scored by every fold model on every TTA view and averaged by the
-bundle's rule (see :mod:`audioclf.ensemble`).
+bundle's rule (see :mod:`audioclf.ensemble`). The TTA views are the bundle's saved
+``tta_shifts``, in samples of a training clip (``clip_samples``); a window of another
+length gets the same shifts as fractions of the window (``round(s * window / clip_samples)``),
+which is how the shifts were defined (``tta_max_shift`` is a fraction of the clip).
+
+Cross-validation scores its held-out clips the same way (same windows, hop and
+aggregate; :mod:`audioclf.crossval`), so ``audioclf evaluate`` on a test set reproduces
+the CV report's ensemble scores.
 """
 
 from __future__ import annotations
@@ -31,11 +38,12 @@ import torch
 
 from audioclf.errors import AudioError
 
-__all__ = ["Predictor", "Prediction", "WindowPrediction", "window_starts"]
+__all__ = ["Predictor", "Prediction", "WindowPrediction", "window_starts", "window_sizes", "default_hop"]
 
 log = logging.getLogger(__name__)
 
 AGGREGATES = ("arithmetic", "geometric")
+MIN_WINDOW_SAMPLES = 16
 
 
 @dataclass
@@ -81,6 +89,33 @@ class Prediction:
         }
 
 
+def default_hop(window: int) -> int:
+    """Half a window (in samples): every sample is seen by two windows."""
+    return max(1, window // 2)
+
+
+def window_sizes(sample_rate: int, clip_samples: int, window: float | None = None,
+                 hop: float | None = None) -> tuple[int, int]:
+    """Window and hop in samples from seconds (defaults: the training clip, half a window).
+
+    Raises:
+        ValueError: a window under 16 samples or a hop under one sample; the message
+            starts with the argument's name and quotes the value.
+    """
+    for name, value in (("window", window), ("hop", hop)):
+        if value is not None and not 0 < value < math.inf:
+            raise ValueError(f"{name} must be a positive number of seconds ({value!r} given)")
+    win = clip_samples if window is None else int(round(window * sample_rate))
+    if win < MIN_WINDOW_SAMPLES:
+        raise ValueError(f"window must be at least {MIN_WINDOW_SAMPLES} samples "
+                         f"({MIN_WINDOW_SAMPLES / sample_rate:.4g} s at {sample_rate} Hz; {window!r} s given)")
+    hop_n = default_hop(win) if hop is None else int(round(hop * sample_rate))
+    if hop_n < 1:
+        raise ValueError(f"hop must be at least one sample ({1 / sample_rate:.4g} s at {sample_rate} Hz; "
+                         f"{hop!r} s given)")
+    return win, hop_n
+
+
 def window_starts(n: int, window: int, hop: int) -> list[int]:
     """Start samples of windows covering ``n`` samples; the last one ends at ``n``."""
     if n <= window:
@@ -101,8 +136,8 @@ class Predictor:
         clip_samples: training clip length in samples (the default window).
         pad_mode: how a short clip is padded: ``"zeros"`` or ``"repeat"``.
         rule: ``"geometric"`` or ``"arithmetic"`` average over models x views.
-        tta_views: number of time-shift views (1: no TTA).
-        tta_max_shift: largest shift as a fraction of the window.
+        tta_shifts: time shifts of the TTA views in samples of a ``clip_samples`` window
+            (``[0]``: no TTA); scaled to the window's length for other windows.
         tta_mode: ``"circular"`` or ``"pad"``.
         device: where the models run.
         batch_size: windows scored per forward pass (bounds memory for long files).
@@ -114,21 +149,22 @@ class Predictor:
     """
 
     def __init__(self, models: Sequence[torch.nn.Module], labels: Sequence[str], sample_rate: int,
-                 clip_samples: int, pad_mode: str = "zeros", rule: str = "geometric", tta_views: int = 1,
-                 tta_max_shift: float = 0.0, tta_mode: str = "circular", device: str | torch.device = "cpu",
+                 clip_samples: int, pad_mode: str = "zeros", rule: str = "geometric",
+                 tta_shifts: Sequence[int] = (0,), tta_mode: str = "circular", device: str | torch.device = "cpu",
                  batch_size: int = 16):
         if not models:
             raise ValueError("a Predictor needs at least one model (0 given)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1 ({batch_size!r} given)")
+        if len(tta_shifts) == 0:
+            raise ValueError("tta_shifts must hold at least one shift ([0] for no TTA)")
         self.models = list(models)
         self.labels = list(labels)
         self.sample_rate = sample_rate
         self.clip_samples = clip_samples
         self.pad_mode = pad_mode
         self.rule = rule
-        self.tta_views = tta_views
-        self.tta_max_shift = tta_max_shift
+        self.tta_shifts = [int(s) for s in tta_shifts]
         self.tta_mode = tta_mode
         self.device = torch.device(device)
         self.batch_size = batch_size
@@ -145,10 +181,8 @@ class Predictor:
         bundle = read_bundle(path)
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
-        ens = bundle.config["ensemble"]
         return cls(load_models(bundle, device), bundle.labels, bundle.sample_rate, bundle.clip_samples,
-                   bundle.pad_mode, bundle.rule, len(bundle.tta_shifts), float(ens.get("tta_max_shift", 0.0)),
-                   bundle.tta_mode, device, batch_size)
+                   bundle.pad_mode, bundle.rule, bundle.tta_shifts, bundle.tta_mode, device, batch_size)
 
     # ------------------------------------------------------------ public API
 
@@ -164,27 +198,32 @@ class Predictor:
             aggregate: clip-level average of the windows: ``"arithmetic"`` or ``"geometric"``.
             sample_rate: rate of waveform items (default: the bundle's).
 
+        A waveform item that cannot be read (empty, a bad ``sample_rate``, or a 2-D array
+        laid out as (frames, channels) instead of (channels, frames)) gets ``error`` set
+        like a bad file.
+
         Raises:
             ValueError: a bad ``top_k``, ``window``, ``hop`` or ``aggregate`` (quoted).
         """
-        win, hop_n = self._window_sizes(window, hop)
+        win, hop_n = window_sizes(self.sample_rate, self.clip_samples, window, hop)
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1 ({top_k!r} given)")
         if aggregate not in AGGREGATES:
             raise ValueError(f"aggregate must be one of {', '.join(AGGREGATES)} ({aggregate!r} given)")
         results = []
         for i, item in enumerate(items):
-            if isinstance(item, (str, os.PathLike)):
-                source = str(item)
-                try:
+            is_file = isinstance(item, (str, os.PathLike))
+            source = str(item) if is_file else f"waveform[{i}]"
+            try:
+                if is_file:
                     reader = _FileReader(Path(item), self.sample_rate)
-                except AudioError as e:
-                    log.debug("%s", e)
-                    results.append(Prediction(source, self.labels, error=str(e), top_k=top_k))
-                    continue
-            else:
-                source = f"waveform[{i}]"
-                reader = _ArrayReader(item, sample_rate or self.sample_rate, self.sample_rate)
+                else:
+                    reader = _ArrayReader(item, self.sample_rate if sample_rate is None else sample_rate,
+                                          self.sample_rate)
+            except (AudioError, ValueError) as e:  # _ArrayReader: a malformed array is that item's error
+                log.debug("%s", e)
+                results.append(Prediction(source, self.labels, error=str(e), top_k=top_k))
+                continue
             try:
                 results.append(self._predict_reader(reader, source, win, hop_n, aggregate, top_k))
             except AudioError as e:
@@ -193,22 +232,18 @@ class Predictor:
 
     def predict_batch(self, waveforms: torch.Tensor) -> np.ndarray:
         """Ensemble probabilities of fixed-length windows: (B, N) -> (B, K) float64."""
-        from audioclf.augment import tta_shifts
         from audioclf.ensemble import predict_members
 
-        shifts = tta_shifts(self.tta_views, waveforms.shape[-1], self.tta_max_shift)
+        shifts = self.shifts_for(waveforms.shape[-1])
         return predict_members(self.models, waveforms.to(self.device), shifts, self.tta_mode, self.rule)
 
-    # ------------------------------------------------------------ internals
+    def shifts_for(self, window: int) -> list[int]:
+        """The TTA shifts for a window of ``window`` samples: the saved ones, scaled to its length."""
+        if window == self.clip_samples:
+            return list(self.tta_shifts)
+        return [int(round(s * window / self.clip_samples)) for s in self.tta_shifts]
 
-    def _window_sizes(self, window: float | None, hop: float | None) -> tuple[int, int]:
-        win = self.clip_samples if window is None else int(round(window * self.sample_rate))
-        if win < 16:
-            raise ValueError(f"window must be at least 16 samples long ({window!r} s given)")
-        hop_n = max(1, win // 2) if hop is None else int(round(hop * self.sample_rate))
-        if not 0 < hop_n:
-            raise ValueError(f"hop must be positive ({hop!r} s given)")
-        return win, hop_n
+    # ------------------------------------------------------------ internals
 
     def _predict_reader(self, reader, source: str, win: int, hop: int, aggregate: str, top_k: int) -> Prediction:
         from audioclf.audio import fix_length
@@ -246,10 +281,15 @@ class _ArrayReader:
     """An in-memory waveform ((N,) or (C, N), array or tensor) at the model's rate."""
 
     def __init__(self, waveform, rate: int, target_rate: int):
-        from audioclf.audio import resample
+        from audioclf.audio import check_sample_rate, resample
+
+        check_sample_rate(rate, "sample_rate")
 
         x = torch.as_tensor(np.asarray(waveform, dtype=np.float32) if not torch.is_tensor(waveform) else waveform)
         x = x.float()
+        if x.ndim == 2 and x.shape[0] > x.shape[1]:
+            raise ValueError(f"a 2-D waveform must be laid out (channels, frames); shape {tuple(x.shape)} looks "
+                             "like (frames, channels): pass its transpose (soundfile reads (frames, channels))")
         if x.ndim == 2:
             x = x.mean(dim=0)  # (C, N) -> (N,)
         if x.ndim != 1 or x.numel() == 0:

@@ -39,11 +39,15 @@ def run(args: argparse.Namespace) -> int:
 
     if args.top_k < 1:
         raise ConfigError(f"--top-k must be >= 1 ({args.top_k} given)")
-    for flag, value in (("--window", args.window), ("--hop", args.hop)):
-        if value is not None and value <= 0:
-            raise ConfigError(f"{flag} must be a positive number of seconds ({value} given)")
-    read_bundle(args.bundle)  # a broken bundle is named before torch is even imported
-    from audioclf.predict import Predictor
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1 ({args.batch_size} given)")
+    bundle = read_bundle(args.bundle)  # a broken bundle is named before torch is even imported
+    from audioclf.predict import Predictor, window_sizes
+
+    try:  # in samples at the bundle's rate, before any model is loaded
+        window_sizes(bundle.sample_rate, bundle.clip_samples, args.window, args.hop)
+    except ValueError as e:
+        raise ConfigError(f"--{e}") from None  # the message starts with "window" or "hop"
 
     predictor = Predictor.from_bundle(args.bundle, device=args.device, batch_size=args.batch_size)
     results = predictor.predict(args.files, top_k=args.top_k, window=args.window, hop=args.hop,
