@@ -5,8 +5,11 @@ Layout of a cross-validation run folder ``OUT`` (``audioclf cv --out OUT``)::
     OUT/folds.csv                 every clip's path, label, group and fold (-1: not held out)
     OUT/test-clips.csv            the clips of the optional test set (group hold-out)
     OUT/fold-<k>/train/           fit()'s folder: metrics.csv, resume state, chosen model
-    OUT/fold-<k>/predictions.npz  log-probs of the fold model, every TTA view, on its
-                                  held-out fold, its inner validation split and the test set
+    OUT/fold-<k>/predictions.npz  log-probs of the fold model, every TTA view, on the scoring
+                                  windows of its held-out fold, its inner validation split and
+                                  the test set ("heldout" (V, W, K) + "heldout_clip" (W,): the
+                                  clip of each window; one window per clip unless it is longer
+                                  than the training clip)
     OUT/fold-<k>/fold.json        the fold's summary; written last, so it marks the fold done
     OUT/bundle/                   the bundle (what you ship):
         fold-<k>.safetensors      the fold model's weights (+ fold-<k>.json: its checkpoint
@@ -17,14 +20,19 @@ Layout of a cross-validation run folder ``OUT`` (``audioclf cv --out OUT``)::
         report.json, report.md, oof.csv, confusion.png, fold_scores.png, curves.png
 
 Folds write only their own files; :func:`merge_folds` writes the shared ones. A bundle
-without ``config.json`` is incomplete (its merge has not run).
+without ``config.json`` is incomplete (its merge has not run). Every ``fold.json`` records
+a hash of the ``folds.csv`` (and ``test-clips.csv``) rows it was trained on, and the merge
+checks them, so a run folder whose inputs were rewritten by another run is refused.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import logging
+import re
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -61,14 +69,57 @@ def versions() -> dict[str, str]:
 # ---------------------------------------------------------------- per-fold files
 
 
-def write_run_inputs(out_dir, manifest, test_manifest, fold_ids: np.ndarray) -> None:
-    """``folds.csv`` (and ``test-clips.csv``): identical content from every fold process."""
-    out_dir = Path(out_dir)
+FOLD_COLUMNS = ["path", "label", "group", "fold"]
+TEST_COLUMNS = ["path", "label"]
+
+
+def run_input_rows(manifest, test_manifest, fold_ids: np.ndarray) -> tuple[list[list[str]], list[list[str]] | None]:
+    """The rows of ``folds.csv`` (:data:`FOLD_COLUMNS`) and ``test-clips.csv`` (None without a test set)."""
     groups = manifest.groups() or [""] * len(manifest)
-    _write_rows(out_dir / "folds.csv", ["path", "label", "group", "fold"],
-                [[r.path, r.label, g or "", int(f)] for r, g, f in zip(manifest.records, groups, fold_ids)])
-    if test_manifest is not None:
-        _write_rows(out_dir / "test-clips.csv", ["path", "label"], [[r.path, r.label] for r in test_manifest.records])
+    folds = [[r.path, r.label, g or "", str(int(f))] for r, g, f in zip(manifest.records, groups, fold_ids)]
+    test = None if test_manifest is None else [[r.path, r.label] for r in test_manifest.records]
+    return folds, test
+
+
+def rows_hash(rows: list[list[str]]) -> str:
+    """A short SHA-256 of table rows: what a fold records of ``folds.csv`` to match it at merge time."""
+    digest = hashlib.sha256()
+    for row in rows:
+        digest.update(json.dumps([str(cell) for cell in row]).encode() + b"\n")
+    return digest.hexdigest()[:16]
+
+
+def write_run_inputs(out_dir, manifest, test_manifest, fold_ids: np.ndarray) -> None:
+    """``folds.csv`` and ``test-clips.csv`` (removed when there is no test set): the same from every fold job."""
+    out_dir = Path(out_dir)
+    folds, test = run_input_rows(manifest, test_manifest, fold_ids)
+    _write_rows(out_dir / "folds.csv", FOLD_COLUMNS, folds)
+    if test is not None:
+        _write_rows(out_dir / "test-clips.csv", TEST_COLUMNS, test)
+    else:
+        (out_dir / "test-clips.csv").unlink(missing_ok=True)  # a previous run's test set is not this run's
+
+
+def clear_run(out_dir) -> None:
+    """Remove every file of a previous run from ``out_dir``: its inputs, fold folders and bundle.
+
+    Only the names this module writes are touched (``folds.csv``, ``test-clips.csv``,
+    ``fold-<k>/``, ``bundle/``); anything else in ``out_dir`` stays.
+    """
+    out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        return
+    removed = []
+    for path in sorted(out_dir.iterdir()):
+        if path.name in ("folds.csv", "test-clips.csv") and path.is_file():
+            path.unlink()
+        elif path.is_dir() and (path.name == "bundle" or re.fullmatch(r"fold-\d+", path.name)):
+            shutil.rmtree(path)
+        else:
+            continue
+        removed.append(path.name)
+    if removed:
+        log.info("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out_dir)
 
 
 def _write_rows(path: Path, header: list[str], rows: list[list]) -> None:
@@ -85,12 +136,23 @@ def _read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def fold_summary(plan, identity: dict, result, shifts: list[int], heldout_score: dict) -> dict:
+def _hash_of(rows: list[dict[str, str]], columns: list[str]) -> str:
+    return rows_hash([[r.get(c, "") for c in columns] for r in rows])
+
+
+def read_rows_hash(path, columns: list[str]) -> str:
+    """:func:`rows_hash` of a CSV file written by :func:`write_run_inputs`."""
+    return _hash_of(_read_rows(Path(path)), columns)
+
+
+def fold_summary(plan, identity: dict, result, shifts: list[int], heldout_score: dict,
+                 command: str | None = None) -> dict:
     """The JSON summary of a finished fold (see :func:`write_fold_summary`)."""
     return {
         "format_version": FORMAT_VERSION,
         "fold": plan.fold,
         "identity": identity,
+        "command": command,
         "n_fit": len(plan.fit), "n_val": len(plan.val), "n_heldout": len(plan.heldout),
         "tta_shifts": [int(s) for s in shifts],
         "train": {"best_epoch": result.best_epoch, "best_metric": result.best_metric,
@@ -114,6 +176,12 @@ def read_fold_summary(out_dir, fold: int, missing_ok: bool = False) -> dict | No
     return json.loads(path.read_text())
 
 
+def finished_folds(out_dir) -> list[int]:
+    """Fold numbers with a ``fold-<k>/fold.json`` in ``out_dir``, sorted."""
+    return sorted(int(p.parent.name.split("-")[1]) for p in Path(out_dir).glob("fold-*/fold.json")
+                  if re.fullmatch(r"fold-\d+", p.parent.name))
+
+
 def first_difference(a: Any, b: Any, where: str = "") -> str | None:
     """The first field (dotted path) where two JSON-like values differ, with both values."""
     if isinstance(a, dict) and isinstance(b, dict):
@@ -131,51 +199,83 @@ def first_difference(a: Any, b: Any, where: str = "") -> str | None:
 def merge_folds(out_dir, command: str | None = None) -> dict:
     """Check that every fold is done and alike, then write the bundle's shared files.
 
+    The run is the one ``folds.csv`` describes: folds ``0 .. K-1`` where K comes from its
+    fold column. Each of them must be finished and trained on exactly those rows (the
+    hash in its ``fold.json``); a ``fold-<k>`` left from an earlier run with more folds is
+    named, ignored, and its model removed from the bundle.
+
     Returns:
         The report dict (also written as ``bundle/report.json``).
 
     Raises:
-        BundleError: no fold, or some folds missing (named), or a fold's files missing.
+        BundleError: no ``folds.csv``, some folds missing (named), a fold's files missing,
+            or a fold trained on other rows than ``folds.csv`` lists (named).
         ConfigError: folds trained with different configurations (the field is named).
     """
     from audioclf import report as reporting
 
     out_dir = Path(out_dir)
-    found = sorted(int(p.parent.name.split("-")[1]) for p in out_dir.glob("fold-*/fold.json"))
-    if not found:
+    found = finished_folds(out_dir)
+    if not found and not (out_dir / "folds.csv").is_file():
         raise BundleError(f"{out_dir}: no finished fold (no fold-<k>/fold.json); run `audioclf cv` first")
-    summaries = {f: read_fold_summary(out_dir, f) for f in found}
-    n_folds = summaries[found[0]]["identity"]["n_folds"]
-    missing = sorted(set(range(n_folds)) - set(found))
-    if missing:
-        raise BundleError(f"{out_dir}: fold(s) {', '.join(map(str, missing))} of {n_folds} missing; "
-                          f"run `audioclf cv ... --folds {','.join(map(str, missing))}` first")
-    for f in found[1:]:
-        diff = first_difference(summaries[found[0]]["identity"], summaries[f]["identity"])
-        if diff:
-            raise ConfigError(f"{out_dir}: fold {f} was trained differently from fold {found[0]}: {diff}")
-    for f in found:
-        for suffix in (".safetensors", ".json"):
-            path = out_dir / "bundle" / f"fold-{f}{suffix}"
-            if not path.is_file():
-                raise BundleError(f"{path}: missing; fold {f} did not finish writing its model")
-
     rows = _read_rows(out_dir / "folds.csv")
-    preds = {f: dict(np.load(out_dir / f"fold-{f}" / "predictions.npz")) for f in found}
-    first = summaries[found[0]]
-    report = reporting.build_cv_report(rows, preds, [summaries[f] for f in found], first["identity"]["config"])
-    test_rows = _read_rows(out_dir / "test-clips.csv") if "test" in preds[found[0]] else None
+    n_folds = max((int(r["fold"]) for r in rows), default=-1) + 1
+    folds = _check_folds(out_dir, found, n_folds)
+    summaries = {f: read_fold_summary(out_dir, f) for f in folds}
+    first = summaries[folds[0]]
+    for f in folds[1:]:
+        diff = first_difference(first["identity"], summaries[f]["identity"])
+        if diff:
+            raise ConfigError(f"{out_dir}: fold {f} was trained differently from fold {folds[0]}: {diff}")
+    test_rows = _read_rows(out_dir / "test-clips.csv") if first["identity"].get("test_manifest") else None
+    _check_rows(out_dir, first["identity"], rows, test_rows)
+
+    preds = {f: dict(np.load(out_dir / f"fold-{f}" / "predictions.npz")) for f in folds}
+    report = reporting.build_cv_report(rows, preds, [summaries[f] for f in folds], first["identity"]["config"])
     if test_rows is not None:
         report["ensemble_test"] = reporting.score_ensemble_on_test(test_rows, preds, report["labels"])
         report["ensemble_test"]["chosen"] = reporting.chosen_key(report["selection"])  # what the bundle runs
     report["command"] = command
+    report["fold_commands"] = {str(f): summaries[f].get("command") for f in folds}
     report["versions"] = versions()
     bundle = out_dir / "bundle"
     _write_oof(bundle / "oof.csv", rows, preds, report)
-    reporting.write_report(bundle, report, curves={f: out_dir / f"fold-{f}" / "train" / "metrics.csv" for f in found})
-    write_json_atomic(bundle / "config.json", _bundle_config(report, first, found))  # last: marks complete
+    reporting.write_report(bundle, report, curves={f: out_dir / f"fold-{f}" / "train" / "metrics.csv" for f in folds})
+    write_json_atomic(bundle / "config.json", _bundle_config(report, first, folds))  # last: marks complete
     log.info("bundle written to %s", bundle)
     return report
+
+
+def _check_folds(out_dir: Path, found: list[int], n_folds: int) -> list[int]:
+    """The run's folds ``0 .. n_folds-1``, all finished with their model files; leftovers named and dropped."""
+    extra = [f for f in found if f >= n_folds]
+    if extra:
+        log.warning("%s: fold(s) %s are not part of this %d-fold run (folds.csv); left from an earlier run, "
+                    "ignored", out_dir, ", ".join(map(str, extra)), n_folds)
+        for f in extra:  # never ship a model of another run
+            for suffix in (".safetensors", ".json"):
+                (out_dir / "bundle" / f"fold-{f}{suffix}").unlink(missing_ok=True)
+    missing = sorted(set(range(n_folds)) - set(found))
+    if missing:
+        raise BundleError(f"{out_dir}: fold(s) {', '.join(map(str, missing))} of {n_folds} missing; "
+                          f"run `audioclf cv ... --folds {','.join(map(str, missing))}` first")
+    for f in range(n_folds):
+        for suffix in (".safetensors", ".json"):
+            path = out_dir / "bundle" / f"fold-{f}{suffix}"
+            if not path.is_file():
+                raise BundleError(f"{path}: missing; fold {f} did not finish writing its model")
+    return list(range(n_folds))
+
+
+def _check_rows(out_dir: Path, identity: dict, rows: list[dict], test_rows: list[dict] | None) -> None:
+    """``folds.csv`` (and ``test-clips.csv``) are the rows the folds were trained and scored on."""
+    for name, table, columns, key in (("folds.csv", rows, FOLD_COLUMNS, "rows"),
+                                      ("test-clips.csv", test_rows, TEST_COLUMNS, "test_rows")):
+        expected = identity.get(key)
+        if table is not None and expected is not None and _hash_of(table, columns) != expected:
+            raise BundleError(f"{out_dir / name}: not the clips or folds the fold models were trained and scored "
+                              "on (another run wrote it); rerun `audioclf cv` with the fold models' settings, "
+                              "or with --overwrite")
 
 
 def _write_oof(path: Path, rows: list[dict], preds: dict, report: dict) -> None:
@@ -184,8 +284,7 @@ def _write_oof(path: Path, rows: list[dict], preds: dict, report: dict) -> None:
     variant = report["selection"]["variant"]
     out = []
     for f, p in sorted(preds.items()):
-        probs = variant_probs(p["heldout"], variant)
-        for i, row_probs in zip(p["heldout_idx"], probs):
+        for i, row_probs in zip(p["heldout_idx"], part_probs(p, "heldout", variant)):
             row = rows[int(i)]
             out.append([row["path"], row["label"], f, labels[int(row_probs.argmax())],
                         *(f"{x:.6f}" for x in row_probs)])
@@ -200,6 +299,31 @@ def variant_probs(log_probs: np.ndarray, variant: str) -> np.ndarray:
     from audioclf.ensemble import combine_log_probs
 
     return combine_log_probs(log_probs, variant.removeprefix("tta-"))
+
+
+def part_probs(arrays: dict, part: str, variant: str) -> np.ndarray:
+    """One fold model's clip probabilities on ``part`` ("heldout", "val", "test"): -> (n, K).
+
+    ``arrays[part]`` holds (V, W, K) log-probs of W scoring windows and ``arrays[part +
+    "_clip"]`` the clip of each window: the windows are combined under ``variant``, then
+    averaged per clip, as ``audioclf predict`` does.
+    """
+    return window_mean(variant_probs(arrays[part], variant), arrays.get(f"{part}_clip"))
+
+
+def window_mean(probs: np.ndarray, clip_of: np.ndarray | None) -> np.ndarray:
+    """Clip-level probabilities: the mean of each clip's windows, (W, K) -> (n, K).
+
+    ``clip_of`` (W,) gives each window's clip in ``0 .. n-1``; None means one window per
+    clip (run folders from before windowed scoring).
+    """
+    if clip_of is None:
+        return probs
+    clip_of = np.asarray(clip_of, dtype=np.int64)
+    n = int(clip_of.max()) + 1
+    sums = np.zeros((n, probs.shape[1]))
+    np.add.at(sums, clip_of, probs)
+    return sums / np.bincount(clip_of, minlength=n)[:, None]
 
 
 def _bundle_config(report: dict, first: dict, folds: list[int]) -> dict:
@@ -270,23 +394,26 @@ def read_bundle(path) -> Bundle:
         cfg = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise BundleError(f"{cfg_path}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise BundleError(f"{cfg_path}: expected a JSON object, found {type(cfg).__name__}")
     version = cfg.get("format_version")
     if version != FORMAT_VERSION:
         raise BundleError(f"{cfg_path}: format_version {version!r} is not supported by this audioclf "
                           f"(reads {FORMAT_VERSION}); re-export the bundle or install a matching audioclf")
     try:
         ens = cfg["ensemble"]
-        bundle = Bundle(path=path, labels=list(cfg["labels"]), sample_rate=int(cfg["sample_rate"]),
-                        clip_samples=int(cfg["clip_samples"]), pad_mode=str(cfg["pad_mode"]),
-                        rule=str(ens["rule"]), tta_shifts=[int(s) for s in ens["tta_shifts"]],
-                        tta_mode=str(ens["tta_mode"]), fold_files=[path / name for name in cfg["folds"]],
-                        config=cfg)
+        fields = {"labels": cfg["labels"], "sample_rate": cfg["sample_rate"], "clip_samples": cfg["clip_samples"],
+                  "pad_mode": cfg["pad_mode"], "folds": cfg["folds"], "ensemble.rule": ens["rule"],
+                  "ensemble.tta_shifts": ens["tta_shifts"], "ensemble.tta_mode": ens["tta_mode"]}
     except KeyError as e:
         raise BundleError(f"{cfg_path}: field {e.args[0]!r} missing") from None
-    except (TypeError, ValueError) as e:
-        raise BundleError(f"{cfg_path}: malformed field ({e})") from None
-    if not bundle.fold_files:
-        raise BundleError(f"{cfg_path}: field 'folds' lists no model")
+    except TypeError:
+        raise BundleError(f"{cfg_path}: field 'ensemble' must be an object ({cfg['ensemble']!r} given)") from None
+    _check_fields(fields, cfg_path)
+    bundle = Bundle(path=path, labels=list(fields["labels"]), sample_rate=fields["sample_rate"],
+                    clip_samples=fields["clip_samples"], pad_mode=fields["pad_mode"], rule=fields["ensemble.rule"],
+                    tta_shifts=list(fields["ensemble.tta_shifts"]), tta_mode=fields["ensemble.tta_mode"],
+                    fold_files=[path / name for name in fields["folds"]], config=cfg)
     for file in bundle.fold_files:
         for needed in (file, file.with_suffix(".json")):
             if not needed.is_file():
@@ -294,12 +421,58 @@ def read_bundle(path) -> Bundle:
     return bundle
 
 
+RULES = ("arithmetic", "geometric")
+"""The averaging rules of :mod:`audioclf.ensemble`, repeated so that reading a bundle needs no torch."""
+
+
+def _check_fields(fields: dict[str, Any], cfg_path: Path) -> None:
+    """Every value ``predict`` will use, checked now: a bad one is named here, not a traceback later."""
+
+    def is_int(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    def is_list(x, item_ok) -> bool:
+        return isinstance(x, list) and all(item_ok(v) for v in x)
+
+    clip = fields["clip_samples"]
+    checks = [
+        ("labels", is_list(fields["labels"], lambda v: isinstance(v, str)) and len(fields["labels"]) >= 2,
+         "a list of at least 2 class names"),
+        ("sample_rate", is_int(fields["sample_rate"]) and 0 < fields["sample_rate"] <= 1_000_000,
+         "an integer in (0, 1000000] Hz"),
+        ("clip_samples", is_int(clip) and clip > 0, "a positive integer"),
+        ("pad_mode", fields["pad_mode"] in ("zeros", "repeat"), "'zeros' or 'repeat'"),
+        ("folds", is_list(fields["folds"], lambda v: isinstance(v, str)) and len(fields["folds"]) > 0,
+         "a non-empty list of fold file names"),
+        ("ensemble.rule", fields["ensemble.rule"] in RULES, "one of " + ", ".join(map(repr, RULES))),
+        ("ensemble.tta_shifts", is_list(fields["ensemble.tta_shifts"], is_int) and len(fields["ensemble.tta_shifts"]) > 0
+         and is_int(clip) and all(abs(v) < clip for v in fields["ensemble.tta_shifts"]),
+         "a non-empty list of integer shifts in samples, each shorter than clip_samples"),
+        ("ensemble.tta_mode", fields["ensemble.tta_mode"] in ("circular", "pad"), "'circular' or 'pad'"),
+    ]
+    for name, ok, allowed in checks:
+        if not ok:
+            raise BundleError(f"{cfg_path}: field {name!r} must be {allowed} ({fields[name]!r} given)")
+
+
 def load_models(bundle: Bundle, device="cpu") -> list:
-    """The bundle's fold models, in eval mode on ``device``."""
+    """The bundle's fold models, in eval mode on ``device``.
+
+    Raises:
+        BundleError: a fold file is unreadable, or was trained for other labels, another
+            sample rate or another clip length than ``config.json`` says (file and field named).
+    """
     from audioclf.checkpoint import load_checkpoint
 
+    expected = {"label_names": bundle.labels, "sample_rate": bundle.sample_rate,
+                "clip_samples": bundle.clip_samples}
     models = []
     for file in bundle.fold_files:
-        model, _meta = load_checkpoint(file)
+        model, meta = load_checkpoint(file)
+        for name, value in expected.items():
+            if meta.get(name) != value:
+                raise BundleError(f"{file.with_suffix('.json')}: field {name!r} is {meta.get(name)!r} but the "
+                                  f"bundle's config.json says {value!r}; this fold model belongs to another run "
+                                  "(rerun `audioclf cv-merge` or replace the file)")
         models.append(model.to(device).eval())
     return models

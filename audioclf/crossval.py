@@ -10,6 +10,14 @@ UrbanSound8K folds), else from stratified K-fold, grouped when the manifest has 
 
 The best checkpoint, early stopping and the SWA-vs-best choice only ever see the inner
 validation split; the held-out fold is scored once, at the end, and never feeds back.
+Held-out, inner-validation and test clips are scored as ``audioclf predict`` scores a
+file (:class:`ScoringWindows`): padded like training when short, in sliding windows
+averaged per clip when longer than the training clip (GTZAN's 30 s tracks, say).
+
+A run folder holds one run. Without ``overwrite``, a folder whose ``folds.csv`` or
+finished folds belong to another run (other clips, seed, k or settings) is refused
+before anything in it is written; with ``overwrite`` (and no ``folds``) the old run is
+removed first.
 
 Each fold writes only files it owns (``OUT/fold-<k>/...`` and ``OUT/bundle/fold-<k>.*``),
 so ``audioclf cv --folds 2,4`` can run in several processes at once; the shared files
@@ -34,7 +42,7 @@ from audioclf.config import RunConfig
 from audioclf.errors import ConfigError, ManifestError
 
 __all__ = ["assign_folds", "inner_split", "split_holdout_groups", "FoldPlan", "plan_folds",
-           "cross_validate", "train_holdout", "CVResult"]
+           "cross_validate", "train_holdout", "CVResult", "ScoringWindows"]
 
 log = logging.getLogger(__name__)
 
@@ -213,11 +221,19 @@ def _model_config(cfg: RunConfig) -> dict:
 
 
 def _identity(cfg: RunConfig, manifest, fold_ids: np.ndarray, n_folds: int, test_manifest) -> dict:
-    """What every fold of one run shares; the merge refuses folds whose identities differ."""
+    """What every fold of one run shares; the merge refuses folds whose identities differ.
+
+    ``rows`` and ``test_rows`` hash the ``folds.csv`` and ``test-clips.csv`` rows, so the
+    merge can tell that those files are still the ones the folds were trained on.
+    """
+    from audioclf.bundle import rows_hash, run_input_rows
+
+    fold_rows, test_rows = run_input_rows(manifest, test_manifest, fold_ids)
     return {"config": _model_config(cfg), "manifest": manifest.content_hash(), "labels": manifest.labels.names,
             "folds": hashlib.sha256(np.ascontiguousarray(fold_ids, dtype=np.int64).tobytes()).hexdigest()[:16],
             "n_folds": n_folds,
-            "test_manifest": test_manifest.content_hash() if test_manifest is not None else None}
+            "test_manifest": test_manifest.content_hash() if test_manifest is not None else None,
+            "rows": rows_hash(fold_rows), "test_rows": rows_hash(test_rows) if test_rows is not None else None}
 
 
 def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | None = None, *,
@@ -227,7 +243,8 @@ def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | Non
 
     Args:
         manifest: the clips to cross-validate.
-        cfg: the run configuration (``cfg.cv.k`` folds unless the manifest has official ones).
+        cfg: the run configuration (``cfg.cv.k`` folds unless the manifest has official
+            ones; then ``cv.k`` is recorded as their number).
         out_dir: run folder: ``fold-<k>/`` work folders and the ``bundle/``.
         folds: train only these folds (0-based) and do not merge: for fan-out jobs.
         test_manifest: optional clips never used for training or selection, on which
@@ -235,18 +252,22 @@ def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | Non
         cache_dir: waveform cache folder (default: see :class:`~audioclf.data.WaveformCache`).
         resume: continue interrupted folds; finished folds with the same configuration
             are always kept.
-        overwrite: retrain folds found in ``out_dir``.
-        command: the command line, recorded in the report.
+        overwrite: with ``folds=None``, first remove everything of a previous run in
+            ``out_dir`` (folds, bundle); with ``folds``, retrain those folds only.
+        command: the command line, recorded in the fold summaries and the report.
 
     Raises:
-        ConfigError: a fold outside [0, K), or ``out_dir`` holds folds of another configuration.
+        ConfigError: a fold outside [0, K), or (without ``overwrite``) ``out_dir`` holds
+            another run: checked before anything is written, so that run stays intact.
         ManifestError: see :func:`assign_folds`.
     """
-    from audioclf.bundle import merge_folds, read_fold_summary, write_run_inputs
+    from audioclf.bundle import clear_run, merge_folds, read_fold_summary, write_run_inputs
 
     out_dir = Path(out_dir)
     fold_ids, plans = plan_folds(manifest, cfg)
     n_folds = len(plans)
+    if manifest.folds() is not None and cfg.cv.k != n_folds:
+        cfg = cfg.replace(cv={"k": n_folds})  # record the official folds' count, not the k that was ignored
     chosen = list(range(n_folds)) if folds is None else sorted(set(int(f) for f in folds))
     bad = [f for f in chosen if not 0 <= f < n_folds]
     if bad:
@@ -256,16 +277,19 @@ def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | Non
         if unknown:
             raise ManifestError(f"the test manifest has labels the cross-validation manifest lacks: "
                                 f"{', '.join(unknown)}")
-    if is_main_process():
-        write_run_inputs(out_dir, manifest, test_manifest, fold_ids)
     identity = _identity(cfg, manifest, fold_ids, n_folds, test_manifest)
+    if is_main_process():
+        if not overwrite:
+            _require_same_run(out_dir, identity)
+        elif folds is None:
+            clear_run(out_dir)  # a whole new run: no fold, model or report of the old one survives
+        write_run_inputs(out_dir, manifest, test_manifest, fold_ids)
     for fold in chosen:
-        done = read_fold_summary(out_dir, fold, missing_ok=True)
-        if done is not None and not overwrite:
-            _require_same(done, identity, out_dir, fold)
+        if not overwrite and read_fold_summary(out_dir, fold, missing_ok=True) is not None:
             log.info("fold %d already done in %s; kept (--overwrite retrains it)", fold, out_dir)
             continue
-        _run_fold(manifest, cfg, out_dir, plans[fold], identity, test_manifest, cache_dir, resume, overwrite)
+        _run_fold(manifest, cfg, out_dir, plans[fold], identity, test_manifest, cache_dir, resume, overwrite,
+                  command)
     if folds is not None or not is_main_process():
         return CVResult(out_dir, out_dir / "bundle", chosen)
     report = merge_folds(out_dir, command=command)
@@ -281,9 +305,11 @@ def train_holdout(manifest, cfg: RunConfig, out_dir, split_column: str = "split"
 
     Raises:
         ManifestError: the column is missing or a split is empty.
+        ConfigError: (without ``overwrite``) ``out_dir`` holds another run.
     """
-    from audioclf.bundle import merge_folds, write_run_inputs
+    from audioclf.bundle import clear_run, merge_folds, write_run_inputs
 
+    out_dir = Path(out_dir)
     splits = [r.extra.get(split_column) for r in manifest.records]
     parts = {name: np.flatnonzero([s == name for s in splits]) for name in ("train", "validation", "test")}
     empty = [name for name, idx in parts.items() if len(idx) == 0]
@@ -293,29 +319,43 @@ def train_holdout(manifest, cfg: RunConfig, out_dir, split_column: str = "split"
     fold_ids = np.full(len(manifest), -1, dtype=np.int64)
     fold_ids[parts["test"]] = 0
     plan = FoldPlan(0, parts["train"], parts["validation"], parts["test"])
-    if is_main_process():
-        write_run_inputs(out_dir, manifest, None, fold_ids)
     identity = _identity(cfg, manifest, fold_ids, 1, None)
-    _run_fold(manifest, cfg, Path(out_dir), plan, identity, None, cache_dir, resume, overwrite)
+    if is_main_process():
+        if not overwrite:
+            _require_same_run(out_dir, identity)
+        else:
+            clear_run(out_dir)
+        write_run_inputs(out_dir, manifest, None, fold_ids)
+    _run_fold(manifest, cfg, out_dir, plan, identity, None, cache_dir, resume, overwrite, command)
     if not is_main_process():
-        return CVResult(Path(out_dir), Path(out_dir) / "bundle", [0])
+        return CVResult(out_dir, out_dir / "bundle", [0])
     report = merge_folds(out_dir, command=command)
-    return CVResult(Path(out_dir), Path(out_dir) / "bundle", [0], report)
+    return CVResult(out_dir, out_dir / "bundle", [0], report)
 
 
-def _require_same(done: dict, identity: dict, out_dir: Path, fold: int) -> None:
-    from audioclf.bundle import first_difference
+def _require_same_run(out_dir: Path, identity: dict) -> None:
+    """Refuse an ``out_dir`` that holds another run, before anything in it is written.
 
-    diff = first_difference(done["identity"], identity)
-    if diff:
-        raise ConfigError(f"{out_dir}: fold {fold} was trained with a different {diff}; "
-                          "use --overwrite to retrain it or another --out")
+    Every finished fold (``fold-<k>/fold.json``, whatever k) and ``folds.csv`` must belong
+    to the run ``identity`` describes.
+    """
+    from audioclf.bundle import FOLD_COLUMNS, finished_folds, first_difference, read_fold_summary, read_rows_hash
+
+    hint = "use --overwrite to replace that run, or another --out"
+    for fold in finished_folds(out_dir):
+        diff = first_difference(read_fold_summary(out_dir, fold)["identity"], identity)
+        if diff:
+            raise ConfigError(f"{out_dir}: fold {fold} was trained with a different {diff}; {hint}")
+    folds_csv = out_dir / "folds.csv"
+    if folds_csv.is_file() and read_rows_hash(folds_csv, FOLD_COLUMNS) != identity["rows"]:
+        raise ConfigError(f"{folds_csv}: lists another run's clips or folds (a different manifest, seed or k); "
+                          f"{hint}")
 
 
 def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity: dict, test_manifest,
-              cache_dir, resume: bool, overwrite: bool) -> None:
+              cache_dir, resume: bool, overwrite: bool, command: str | None = None) -> None:
     """Fit one fold, score its held-out part (and the test set), write the fold's files."""
-    from audioclf.bundle import fold_summary, write_fold_summary
+    from audioclf.bundle import fold_summary, part_probs, write_fold_summary
     from audioclf.checkpoint import load_checkpoint, save_checkpoint
     from audioclf.data import ClipDataset, WaveformCache
     from audioclf.metrics import score_all
@@ -330,8 +370,8 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
     cache = WaveformCache(manifest, cfg.audio.sample_rate, cache_dir, num_workers=cfg.train.num_workers).build()
     targets = manifest.targets()
 
-    def dataset(indices, train, source=cache, labels=targets):
-        return ClipDataset(source, indices, labels[indices], cfg.audio.clip_samples, train=train,
+    def dataset(indices, train):
+        return ClipDataset(cache, indices, targets[indices], cfg.audio.clip_samples, train=train,
                            pad_mode=cfg.audio.pad_mode, seed=cfg.train.seed)
 
     model = build_model(cfg, len(manifest.labels))
@@ -340,20 +380,21 @@ def _run_fold(manifest, cfg: RunConfig, out_dir: Path, plan: FoldPlan, identity:
     if not is_main_process():  # under torchrun, rank 0 scores and writes; the others move on
         return
     model, _ = load_checkpoint(result.model_path)  # the chosen (best or SWA) model
-    parts = {"heldout": dataset(plan.heldout, False), "val": dataset(plan.val, False)}
+    parts = {"heldout": ScoringWindows(cache, plan.heldout, cfg.audio.clip_samples, cfg.audio.pad_mode),
+             "val": ScoringWindows(cache, plan.val, cfg.audio.clip_samples, cfg.audio.pad_mode)}
     if test_manifest is not None:
         test_cache = WaveformCache(test_manifest, cfg.audio.sample_rate, cache_dir).build()
-        test_targets = manifest.labels.encode(r.label for r in test_manifest.records)  # the training label map
-        parts["test"] = dataset(np.arange(len(test_manifest)), False, test_cache, test_targets)
+        parts["test"] = ScoringWindows(test_cache, np.arange(len(test_manifest)), cfg.audio.clip_samples,
+                                       cfg.audio.pad_mode)
     shifts, arrays = _score_views(model, parts, cfg)
     with atomic_open(fold_dir / "predictions.npz", "wb") as f:
         np.savez(f, heldout_idx=plan.heldout, val_idx=plan.val, **arrays)
     save_checkpoint(model, out_dir / "bundle" / f"fold-{plan.fold}", cfg, manifest.labels.names,
                     extra={"fold": plan.fold, "chosen": result.chosen, "best_epoch": result.best_epoch})
-    heldout_score = score_all(targets[plan.heldout], np.exp(arrays["heldout"][0]))
+    heldout_score = score_all(targets[plan.heldout], part_probs(arrays, "heldout", "single"))
     log.info("fold %d: held-out accuracy %.4f, log loss %.4f (no TTA)",
              plan.fold, heldout_score["accuracy"], heldout_score["log_loss"])
-    write_fold_summary(out_dir, plan.fold, fold_summary(plan, identity, result, shifts, heldout_score))
+    write_fold_summary(out_dir, plan.fold, fold_summary(plan, identity, result, shifts, heldout_score, command))
 
 
 def _mark_unfinished(out_dir: Path, fold: int) -> None:
@@ -365,16 +406,54 @@ def _mark_unfinished(out_dir: Path, fold: int) -> None:
         log.info("%s removed: the bundle is incomplete until `audioclf cv-merge %s`", stale, out_dir)
 
 
+class ScoringWindows:
+    """The windows ``audioclf predict`` scores, over clips of a waveform cache: item j -> (window, clip).
+
+    A clip no longer than ``window`` samples is one window, centred and padded like
+    training; a longer one is cut every :func:`~audioclf.predict.default_hop` samples, the
+    last window ending at the clip's end. ``clip`` is the clip's position in ``indices``.
+    """
+
+    def __init__(self, cache, indices: Sequence[int], window: int, pad_mode: str):
+        from audioclf.predict import default_hop, window_starts
+
+        lengths = cache.lengths
+        self.cache, self.window, self.pad_mode = cache, window, pad_mode
+        self.items = [(int(i), start, pos) for pos, i in enumerate(indices)
+                      for start in window_starts(int(lengths[i]), window, default_hop(window))]
+        self.clip_of = np.array([pos for _, _, pos in self.items], dtype=np.int64)  # (W,)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, j: int):
+        import torch
+
+        from audioclf.audio import fix_length
+
+        i, start, pos = self.items[j]
+        waveform = self.cache[i]
+        if len(waveform) <= self.window:  # centred and padded, as training and predict pad
+            return fix_length(torch.from_numpy(np.array(waveform)), self.window, self.pad_mode), pos
+        return torch.from_numpy(np.array(waveform[start:start + self.window])), pos  # (window,)
+
+
 def _score_views(model, parts: dict, cfg: RunConfig) -> tuple[list[int], dict[str, np.ndarray]]:
-    """Every TTA view of each dataset in ``parts``: name -> (V, N, K) log-probs of one model."""
+    """Every TTA view of every window of each part, scored by one model.
+
+    Returns the shifts and, per part ``name``, ``name`` -> (V, W, K) log-probs of its W
+    windows and ``name_clip`` -> (W,) the clip of each window.
+    """
     from audioclf.augment import tta_shifts
 
     device = _device(cfg.train.device)
     model.to(device).eval()
     shifts = tta_shifts(cfg.cv.tta_shifts, cfg.audio.clip_samples, cfg.cv.tta_max_shift)
-    arrays = {name: ensemble.score_dataset([model], ds, shifts, cfg.cv.tta_mode, cfg.train.batch_size, device,
-                                           cfg.train.num_workers)[0]
-              for name, ds in parts.items()}
+    arrays = {}
+    for name, windows in parts.items():
+        arrays[name] = ensemble.score_dataset([model], windows, shifts, cfg.cv.tta_mode, cfg.train.batch_size,
+                                              device, cfg.train.num_workers)[0]
+        arrays[f"{name}_clip"] = windows.clip_of
     return shifts, arrays
 
 

@@ -57,7 +57,7 @@ def build_cv_report(rows: list[dict], preds: dict[int, dict], summaries: list[di
         summaries: the folds' ``fold.json`` dicts.
         config: the RunConfig dict.
     """
-    from audioclf.bundle import VARIANTS, variant_probs
+    from audioclf.bundle import VARIANTS, part_probs
 
     labels = summaries[0]["identity"]["labels"]
     targets = _targets(rows, labels)
@@ -66,18 +66,18 @@ def build_cv_report(rows: list[dict], preds: dict[int, dict], summaries: list[di
     folds = sorted(preds)
     oof, inner = {}, {}
     for v in variants:
-        per_fold = [score_all(targets[preds[f]["heldout_idx"]], variant_probs(preds[f]["heldout"], v)) for f in folds]
+        per_fold = [score_all(targets[preds[f]["heldout_idx"]], part_probs(preds[f], "heldout", v)) for f in folds]
         idx = np.concatenate([preds[f]["heldout_idx"] for f in folds])
-        pooled = np.concatenate([variant_probs(preds[f]["heldout"], v) for f in folds])
+        pooled = np.concatenate([part_probs(preds[f], "heldout", v) for f in folds])
         oof[v] = {"pooled": score_all(targets[idx], pooled), "per_fold": per_fold,
                   "mean": {m: float(np.mean([s[m] for s in per_fold])) for m in METRICS},
-                  "std": {m: float(np.std([s[m] for s in per_fold])) for m in METRICS}}
-        val = [score_all(targets[preds[f]["val_idx"]], variant_probs(preds[f]["val"], v)) for f in folds]
+                  "std": {m: sample_std([s[m] for s in per_fold]) for m in METRICS}}
+        val = [score_all(targets[preds[f]["val_idx"]], part_probs(preds[f], "val", v)) for f in folds]
         inner[v] = {m: float(np.mean([s[m] for s in val])) for m in METRICS}
     selection = _select(inner, summaries[0]["tta_shifts"])
     chosen = selection["variant"]
     idx = np.concatenate([preds[f]["heldout_idx"] for f in folds])
-    pooled = np.concatenate([variant_probs(preds[f]["heldout"], chosen) for f in folds])
+    pooled = np.concatenate([part_probs(preds[f], "heldout", chosen) for f in folds])
     return {
         "protocol": "k-fold" if len(folds) > 1 else "holdout",
         "n_clips": int(len(idx)),
@@ -96,6 +96,11 @@ def build_cv_report(rows: list[dict], preds: dict[int, dict], summaries: list[di
     }
 
 
+def sample_std(values) -> float:
+    """Sample standard deviation (ddof=1) of per-fold scores; 0.0 for a single fold."""
+    return float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+
+
 def _select(inner: dict[str, dict], shifts: list[int]) -> dict:
     """Lowest mean inner-validation log loss; ties prefer geometric, then TTA."""
     preference = ["tta-geometric", "tta-arithmetic", "single"]
@@ -111,16 +116,23 @@ def _select(inner: dict[str, dict], shifts: list[int]) -> dict:
 
 
 def score_ensemble_on_test(test_rows: list[dict], preds: dict[int, dict], labels: list[str]) -> dict:
-    """Every fold model on the test set, averaged by each rule, with and without TTA."""
+    """Every fold model on the test set, averaged by each rule, with and without TTA.
+
+    As in ``audioclf predict``: every (model, view) pair of a window is combined by the
+    rule, then a clip's windows are averaged (:func:`audioclf.bundle.window_mean`).
+    """
+    from audioclf.bundle import window_mean
     from audioclf.ensemble import RULES, combine_log_probs
 
     targets = _targets(test_rows, labels)
-    lp = np.stack([preds[f]["test"] for f in sorted(preds)])  # (M, V, N, K)
+    folds = sorted(preds)
+    lp = np.stack([preds[f]["test"] for f in folds])  # (M, V, W, K)
+    clip_of = preds[folds[0]].get("test_clip")  # the same windows for every fold model
     scores = {}
     for rule in RULES:
-        scores[rule] = score_all(targets, combine_log_probs(lp[:, :1], rule))
+        scores[rule] = score_all(targets, window_mean(combine_log_probs(lp[:, :1], rule), clip_of))
         if lp.shape[1] > 1:
-            scores[f"tta-{rule}"] = score_all(targets, combine_log_probs(lp, rule))
+            scores[f"tta-{rule}"] = score_all(targets, window_mean(combine_log_probs(lp, rule), clip_of))
     return {"n_clips": int(len(targets)), "n_models": int(lp.shape[0]), "scores": scores, "chosen": None}
 
 
@@ -128,17 +140,31 @@ def chosen_key(selection: dict) -> str:
     return ("tta-" if len(selection["tta_shifts"]) > 1 else "") + selection["rule"]
 
 
-def evaluate_bundle(bundle_dir, manifest, out_dir, cache_dir=None, device: str = "auto",
-                    batch_size: int = 32, command: str | None = None) -> dict:
+SCORING_NOTE = ("Each file is scored as `audioclf predict` scores it: a clip no longer than the training clip is "
+                "padded like training and scored once; a longer one in sliding windows of the training clip "
+                "length (hop: half a window) whose probabilities are averaged. Cross-validation scores its "
+                "held-out and test clips the same way.")
+
+
+def evaluate_bundle(bundle_dir, manifest, out_dir, device: str = "auto", batch_size: int = 16,
+                    command: str | None = None) -> dict:
     """Score a bundle's ensemble on every clip of ``manifest``; write the report into ``out_dir``.
+
+    Files are streamed through the bundle's :class:`~audioclf.predict.Predictor` (see
+    :data:`SCORING_NOTE`), so memory stays bounded whatever their length. A file that
+    cannot be read is recorded (``report["failed"]`` and the ``error`` column of
+    ``predictions.csv``) and the others are still scored; the metrics cover the scored clips.
+
+    Returns:
+        The report dict: ``scores`` (None when no clip could be scored), ``confusion_matrix``,
+        ``n_clips`` scored, ``n_failed`` and ``failed`` (path and error of each).
 
     Raises:
         ManifestError: the manifest has labels the bundle does not know (named).
-        BundleError: see :func:`audioclf.bundle.read_bundle`.
+        BundleError: see :func:`audioclf.bundle.read_bundle` and :func:`audioclf.bundle.load_models`.
     """
     from audioclf._io import atomic_open
     from audioclf.bundle import read_bundle, versions
-    from audioclf.data import ClipDataset, WaveformCache
     from audioclf.errors import ManifestError
     from audioclf.predict import Predictor
 
@@ -148,23 +174,31 @@ def evaluate_bundle(bundle_dir, manifest, out_dir, cache_dir=None, device: str =
         raise ManifestError(f"the manifest has labels the bundle was not trained on: {', '.join(unknown)} "
                             f"(bundle labels: {', '.join(bundle.labels)})")
     predictor = Predictor.from_bundle(bundle.path, device=device, batch_size=batch_size)
-    targets = np.array([bundle.labels.index(r.label) for r in manifest.records], dtype=np.int64)
-    cache = WaveformCache(manifest, bundle.sample_rate, cache_dir).build()
-    dataset = ClipDataset(cache, np.arange(len(manifest)), targets, bundle.clip_samples, train=False,
-                          pad_mode=bundle.pad_mode)
-    from torch.utils.data import DataLoader
-
-    probs = np.concatenate([predictor.predict_batch(x) for x, _ in DataLoader(dataset, batch_size=batch_size)])
-    report = {"protocol": "evaluation", "bundle": str(bundle.path), "n_clips": len(manifest),
-              "labels": bundle.labels, "rule": bundle.rule, "tta_shifts": bundle.tta_shifts,
-              "ece_bins": ECE_BINS, "scores": score_all(targets, probs),
-              "confusion_matrix": confusion_matrix(targets, probs).tolist(), "command": command, "versions": versions()}
+    results = predictor.predict([manifest.abspath(i) for i in range(len(manifest))], top_k=1)
+    targets = _targets([{"label": r.label} for r in manifest.records], bundle.labels)
+    scored = [i for i, r in enumerate(results) if r.error is None]
+    failed = [{"path": manifest.records[i].path, "error": r.error} for i, r in enumerate(results) if r.error]
+    for f in failed:
+        log.warning("not scored: %s", f["error"])
+    k = len(bundle.labels)
+    probs = np.stack([results[i].probs for i in scored]) if scored else np.zeros((0, k))
+    report = {"protocol": "evaluation", "bundle": str(bundle.path), "n_clips": len(scored),
+              "n_failed": len(failed), "failed": failed, "labels": bundle.labels, "rule": bundle.rule,
+              "tta_shifts": bundle.tta_shifts, "scoring": SCORING_NOTE, "ece_bins": ECE_BINS,
+              "scores": score_all(targets[scored], probs) if scored else None,
+              "confusion_matrix": (confusion_matrix(targets[scored], probs) if scored
+                                   else np.zeros((k, k), dtype=np.int64)).tolist(),
+              "command": command, "versions": versions()}
     out_dir = Path(out_dir)
     with atomic_open(out_dir / "predictions.csv", "w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(["path", "label", "predicted", *(f"p_{name}" for name in bundle.labels)])
-        for r, p in zip(manifest.records, probs):
-            writer.writerow([r.path, r.label, bundle.labels[int(p.argmax())], *(f"{x:.6f}" for x in p)])
+        writer.writerow(["path", "label", "predicted", *(f"p_{name}" for name in bundle.labels), "error"])
+        for record, r in zip(manifest.records, results):
+            if r.error:
+                writer.writerow([record.path, record.label, "", *[""] * k, r.error])
+            else:
+                writer.writerow([record.path, record.label, bundle.labels[int(r.probs.argmax())],
+                                 *(f"{x:.6f}" for x in r.probs), ""])
     write_report(out_dir, report)
     return report
 
@@ -197,7 +231,8 @@ def markdown(report: dict) -> str:
         sel = report["selection"]
         lines += [f"{report['n_clips']} clips, {report['n_folds']} fold(s), {len(report['labels'])} labels. "
                   f"ECE over {report['ece_bins']} equal-width bins.", "",
-                  "## Out-of-fold, one fold model per clip (mean ± std over folds)", "", head]
+                  "## Out-of-fold, one fold model per clip (mean ± sample std over folds)", "",
+                  "The ± is the sample standard deviation (ddof=1) of the per-fold scores.", "", head]
         for v, s in report["oof"].items():
             cells = " | ".join(f"{s['mean'][m]:.4f} ± {s['std'][m]:.4f}" for m in METRICS)
             lines.append(f"| {v}{' (chosen)' if v == sel['variant'] else ''} | {cells} |")
@@ -216,21 +251,56 @@ def markdown(report: dict) -> str:
             lines.append("")
         lines.append(report["ensemble_note"])
     else:
-        lines += [f"{report['n_clips']} clips scored by the bundle's ensemble "
-                  f"({report['rule']} mean, TTA shifts {report['tta_shifts']}).", "", head,
-                  f"| ensemble | {_fmt(report['scores'])} |"]
+        lines += _evaluation_markdown(report, head)
     if report.get("command") or report.get("versions"):
         versions = ", ".join(f"{name} {v}" for name, v in (report.get("versions") or {}).items())
-        lines += ["", "## Provenance", "", f"Command: `{report.get('command') or 'library call'}`", "",
-                  f"Versions: {versions}"]
+        lines += ["", "## Provenance", "", f"Command: `{report.get('command') or 'library call'}`", ""]
+        lines += _fold_commands_markdown(report)
+        lines.append(f"Versions: {versions}")
     return "\n".join(lines) + "\n"
+
+
+def _evaluation_markdown(report: dict, head: str) -> list[str]:
+    lines = [f"{report['n_clips']} clips scored by the bundle's ensemble "
+             f"({report['rule']} mean, TTA shifts {report['tta_shifts']}). ECE over {report['ece_bins']} "
+             "equal-width bins.", ""]
+    if report.get("scoring"):
+        lines += [report["scoring"], ""]
+    if report["scores"] is not None:
+        lines += [head, f"| ensemble | {_fmt(report['scores'])} |"]
+    else:
+        lines.append("No clip could be scored.")
+    failed = report.get("failed") or []
+    if failed:
+        shown = 20
+        lines += ["", f"**{len(failed)} file(s) could not be read** and are not in the scores:", ""]
+        lines += [f"- `{f['path']}`: {f['error']}" for f in failed[:shown]]
+        if len(failed) > shown:
+            lines.append(f"- ... {len(failed) - shown} more (see report.json or predictions.csv)")
+    return lines
+
+
+def _fold_commands_markdown(report: dict) -> list[str]:
+    """The commands that trained the folds, when they are not the command above (fold jobs)."""
+    by_command: dict[str, list[str]] = {}
+    for fold, cmd in (report.get("fold_commands") or {}).items():
+        by_command.setdefault(cmd or "library call", []).append(fold)
+    if not by_command or list(by_command) == [report.get("command") or "library call"]:
+        return []
+    lines = ["Fold models trained by:", ""]
+    lines += [f"- fold{'s' if len(folds) > 1 else ''} {', '.join(folds)}: `{cmd}`" for cmd, folds in by_command.items()]
+    return lines + [""]
 
 
 def summary_text(report: dict) -> str:
     """A few lines for the terminal."""
     if "oof" not in report:
         s = report["scores"]
-        return f"accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}, log loss {s['log_loss']:.4f}"
+        text = (f"{report['n_clips']} clips: accuracy {s['accuracy']:.4f}, macro-F1 {s['macro_f1']:.4f}, "
+                f"log loss {s['log_loss']:.4f}, ECE {s['ece']:.4f}" if s else "no clip could be scored")
+        if report.get("n_failed"):
+            text += f"\n{report['n_failed']} file(s) could not be read (listed in the report)"
+        return text
     sel = report["selection"]
     s = report["oof"][sel["variant"]]
     lines = [f"out-of-fold ({sel['variant']}): accuracy {s['mean']['accuracy']:.4f} ± {s['std']['accuracy']:.4f}, "

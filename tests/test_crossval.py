@@ -1,12 +1,14 @@
 import csv
 import json
 import os
+import shlex
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 from synth import write_tone_dataset
 
 from audioclf.bundle import merge_folds
@@ -14,6 +16,7 @@ from audioclf.config import RunConfig
 from audioclf.crossval import assign_folds, inner_split, plan_folds, split_holdout_groups
 from audioclf.errors import ManifestError
 from audioclf.manifest import Manifest, Record, write_manifest
+from audioclf.predict import window_starts
 
 
 def make_manifest(n_per_label=12, labels=("a", "b", "c"), n_groups=None, folds=None):
@@ -191,20 +194,32 @@ def test_no_held_out_clip_is_used_for_fitting_or_selection(tone_run):
         assert not set(groups[fit_idx]) & set(groups[val_idx])  # the inner split is grouped too
     with np.load(result.out_dir / "fold-0" / "predictions.npz") as p:
         np.testing.assert_array_equal(p["heldout_idx"], np.flatnonzero(fold_ids == 0))
-        assert p["heldout"].shape == (3, len(p["heldout_idx"]), 3)  # (views, clips, classes)
+        assert p["heldout"].shape == (3, len(p["heldout_clip"]), 3)  # (views, windows, classes)
+        # Clips longer than the 0.5 s training clip are scored in windows, as predict scores them.
+        lengths = [sf.info(manifest.abspath(int(i))).frames for i in p["heldout_idx"]]
+        expected = [len(window_starts(n, 4000, 2000)) for n in lengths]
+        assert np.bincount(p["heldout_clip"]).tolist() == expected and max(expected) > 1
 
 
 def test_cv_report_and_oof_cover_every_clip(tone_run):
     manifest, result, *_ = tone_run
     report = result.report
     assert report["n_clips"] == len(manifest) and report["n_folds"] == 2
-    for variant in ("single", "tta-arithmetic", "tta-geometric"):
-        s = report["oof"][variant]
-        assert len(s["per_fold"]) == 2
-        assert s["mean"]["accuracy"] == pytest.approx(np.mean([f["accuracy"] for f in s["per_fold"]]))
+    assert all(len(report["oof"][v]["per_fold"]) == 2 for v in ("single", "tta-arithmetic", "tta-geometric"))
     with open(result.bundle_dir / "oof.csv") as f:
         rows = list(csv.DictReader(f))
     assert sorted(r["path"] for r in rows) == sorted(r.path for r in manifest.records)
+    # The chosen variant's per-fold scores, recomputed from oof.csv alone: accuracy and log loss.
+    chosen = report["oof"][report["selection"]["variant"]]
+    accuracy, loss = [], []
+    for fold in ("0", "1"):
+        part = [r for r in rows if r["fold"] == fold]
+        accuracy.append(np.mean([r["predicted"] == r["label"] for r in part]))
+        loss.append(-np.mean([np.log(max(float(r[f"p_{r['label']}"]), 1e-15)) for r in part]))
+    assert [s["accuracy"] for s in chosen["per_fold"]] == pytest.approx(accuracy)
+    assert chosen["mean"]["accuracy"] == pytest.approx(np.mean(accuracy))
+    assert chosen["std"]["accuracy"] == pytest.approx(np.std(accuracy, ddof=1))
+    assert chosen["mean"]["log_loss"] == pytest.approx(np.mean(loss), abs=1e-4)  # oof.csv keeps 6 decimals
     test = report["ensemble_test"]  # the fold ensemble, scored only on the held-out group
     assert test["n_clips"] == len(tone_run[3]) and test["n_models"] == 2
     assert set(test["scores"]) == {"arithmetic", "geometric", "tta-arithmetic", "tta-geometric"}
@@ -221,8 +236,20 @@ def test_bundle_predicts_and_evaluates(tone_run, tmp_path):
     [r] = p.predict([manifest.abspath(0)])
     assert r.error is None and r.probs.sum() == pytest.approx(1.0)
     report = evaluate_bundle(result.bundle_dir, manifest, tmp_path / "eval", device="cpu")
-    assert np.array(report["confusion_matrix"]).sum() == len(manifest)
+    assert np.array(report["confusion_matrix"]).sum() == len(manifest) and report["n_failed"] == 0
     assert (tmp_path / "eval" / "report.md").is_file() and (tmp_path / "eval" / "confusion.png").is_file()
+
+
+def test_evaluate_on_the_test_set_reproduces_the_cv_ensemble_scores(tone_run, tmp_path):
+    from audioclf.report import evaluate_bundle
+
+    *_, result, _, holdout = tone_run
+    test = result.report["ensemble_test"]
+    report = evaluate_bundle(result.bundle_dir, holdout, tmp_path / "eval", device="cpu")
+    # Same clips, windows, TTA shifts, rule and aggregate: predict's path and the CV's agree.
+    assert report["n_clips"] == test["n_clips"]
+    for metric, value in test["scores"][test["chosen"]].items():
+        assert report["scores"][metric] == pytest.approx(value, abs=1e-6), metric
 
 
 def _layout(folder: Path) -> list[str]:
@@ -246,8 +273,11 @@ def test_fold_fan_out_in_two_processes_then_merge_matches_one_run(tone_run, tmp_
         _, err = job.communicate(timeout=300)
         assert job.returncode == 0, err
     assert not (out / "bundle" / "config.json").exists()  # fold jobs never merge
-    merge_folds(out)  # what `audioclf cv-merge` runs (in-process: saves a start-up)
+    report = merge_folds(out, command="audioclf cv-merge run")  # what `audioclf cv-merge` runs, in-process
     assert _layout(out) == _layout(result.out_dir)
+    for fold in ("0", "1"):  # the report names the commands that trained the folds
+        assert shlex.split(report["fold_commands"][fold])[-2:] == ["--folds", fold]
+    assert "--folds 0" in (out / "bundle" / "report.md").read_text()
     one = json.loads((result.bundle_dir / "config.json").read_text())
     fanned = json.loads((out / "bundle" / "config.json").read_text())
     assert fanned["run_config"] == one["run_config"] and fanned["folds"] == one["folds"]
@@ -269,6 +299,105 @@ def test_cv_refuses_to_mix_configurations_in_one_folder(tone_run):
     other = RunConfig.from_dict(TINY).replace(train={"lr": 0.5})
     with pytest.raises(ConfigError, match=r"fold 0 was trained with a different config\.train\.lr"):
         cross_validate(manifest, other, result.out_dir, folds=[0])
+
+
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.parametrize("change", ["seed", "k", "manifest", "no test set"])
+def test_a_refused_cv_run_leaves_the_previous_run_intact_and_mergeable(tone_run, tmp_path, change):
+    import dataclasses
+    import shutil
+
+    from audioclf.crossval import cross_validate
+    from audioclf.errors import ConfigError
+
+    manifest, result, _, holdout = tone_run
+    copy = tmp_path / "run"
+    shutil.copytree(result.out_dir, copy)
+    before = _snapshot(copy)
+    cfg, test = RunConfig.from_dict(TINY), holdout
+    if change == "seed":
+        cfg = cfg.replace(cv={"seed": 1})
+    elif change == "k":
+        cfg = cfg.replace(cv={"k": 3})
+    elif change == "manifest":  # another manifest: one label renamed
+        manifest = Manifest([dataclasses.replace(r, label="LOW" if r.label == "low" else r.label)
+                             for r in manifest.records], manifest.root)
+        test = Manifest([dataclasses.replace(r, label="LOW" if r.label == "low" else r.label)
+                         for r in holdout.records], holdout.root)
+    else:
+        test = None
+    with pytest.raises(ConfigError, match="use --overwrite to replace that run, or another --out"):
+        cross_validate(manifest, cfg, copy, test_manifest=test)
+    assert _snapshot(copy) == before  # nothing written: folds.csv and test-clips.csv included
+    report = merge_folds(copy)
+    assert report["oof"] == result.report["oof"] and report["ensemble_test"] == result.report["ensemble_test"]
+
+
+def test_a_folds_csv_of_another_run_is_refused_even_before_any_fold_finished(tone_run, tmp_path):
+    from audioclf.crossval import cross_validate
+    from audioclf.errors import ConfigError
+
+    manifest, result, _, holdout = tone_run
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "folds.csv").write_bytes((result.out_dir / "folds.csv").read_bytes())
+    with pytest.raises(ConfigError, match=r"folds\.csv: lists another run's clips or folds"):
+        cross_validate(manifest, RunConfig.from_dict(TINY).replace(cv={"seed": 7}), tmp_path / "run",
+                       test_manifest=holdout)
+
+
+def test_overwrite_removes_the_whole_previous_run_first(tone_run, tmp_path, monkeypatch):
+    import shutil
+
+    import audioclf.train
+    from audioclf.crossval import cross_validate
+
+    manifest, result, *_ = tone_run
+    copy = tmp_path / "run"
+    shutil.copytree(result.out_dir, copy)
+    shutil.copytree(copy / "fold-1", copy / "fold-2")  # left by an earlier 3-fold run
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(copy / "bundle" / f"fold-1{suffix}", copy / "bundle" / f"fold-2{suffix}")
+    (copy / "notes.txt").write_text("the user's own file")
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audioclf.train, "fit", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # retraining fold 0 of a 2-fold run without a test set
+        cross_validate(manifest, RunConfig.from_dict(TINY), copy, overwrite=True)
+    assert sorted(p.name for p in copy.iterdir()) == ["folds.csv", "notes.txt"]  # fold-0 was not started yet
+
+
+def test_official_folds_record_their_count_as_k(tone_run, tmp_path, monkeypatch):
+    import dataclasses
+
+    import audioclf.train
+    from audioclf.crossval import cross_validate
+
+    manifest, *_ = tone_run
+    official = Manifest([dataclasses.replace(r, fold=int(r.group[1:]) + 1) for r in manifest.records], manifest.root)
+    seen = []
+
+    def spy(model, train_set, val_set, cfg, *args, **kwargs):
+        seen.append(cfg)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(audioclf.train, "fit", spy)
+    with pytest.raises(KeyboardInterrupt):
+        cross_validate(official, RunConfig.from_dict(TINY), tmp_path / "run", folds=[0])  # TINY says k=2
+    assert seen[0].cv.k == 4 == len(set(official.folds().tolist()))
+
+
+def test_write_run_inputs_removes_a_stale_test_set(tmp_path):
+    from audioclf.bundle import write_run_inputs
+
+    m = make_manifest(n_per_label=4)
+    (tmp_path / "test-clips.csv").write_text("path,label\nold.wav,a\n")
+    write_run_inputs(tmp_path, m, None, assign_folds(m, k=2))
+    assert not (tmp_path / "test-clips.csv").exists() and (tmp_path / "folds.csv").is_file()
 
 
 def test_train_holdout_uses_the_official_split(tone_run):
