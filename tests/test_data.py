@@ -156,6 +156,15 @@ def test_missing_file_is_named(mixed, tmp_path):
         WaveformCache(mixed, 16000, tmp_path / "cache").build()
 
 
+def test_file_too_short_for_the_rate_is_named(mixed, tmp_path):
+    """One sample at 44.1 kHz is no sample at 8 kHz: an error, not an empty clip to pad later."""
+    sf.write(mixed.root / "click.wav", np.array([0.5], np.float32), 44100)
+    manifest = Manifest(mixed.records + [Record("click.wav", "class0")], mixed.root)
+    with pytest.raises(AudioError, match=r"click\.wav: too short to resample: 1 samples at 44100 Hz are none "
+                                         r"at 8000 Hz \(record 4 of the manifest"):
+        WaveformCache(manifest, 8000, tmp_path / "cache").build()
+
+
 # --- atomicity and concurrency ----------------------------------------------------------
 
 
