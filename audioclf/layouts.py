@@ -271,9 +271,7 @@ def gtzan(root: Path) -> Manifest:
     if records and not readable:
         raise ManifestError(f"{folder}: none of the {len(records)} audio files can be read: "
                             + ", ".join(left_out[:_SHOW]) + (", ..." if len(left_out) > _SHOW else ""))
-    manifest = Manifest(readable, root)
-    manifest.left_out = left_out
-    return manifest
+    return Manifest(readable, root, left_out=left_out)
 
 
 def _split_readable(records: list[Record], root: Path) -> tuple[list[Record], list[str]]:

@@ -99,13 +99,16 @@ class Manifest:
         root: the data root.
         labels: the label map; by default built from the records' labels. Subsets keep
             their parent's map, so targets mean the same thing in every fold.
+        left_out: paths of files a dataset builder found unreadable and left out (counted
+            in :meth:`summary`).
     """
 
-    def __init__(self, records: Sequence[Record], root: str | os.PathLike, labels: LabelMap | None = None):
+    def __init__(self, records: Sequence[Record], root: str | os.PathLike, labels: LabelMap | None = None,
+                 left_out: Sequence[str] = ()):
         self.records: list[Record] = list(records)
         self.root = Path(root)
         self.labels = labels if labels is not None else LabelMap(r.label for r in self.records)
-        self.left_out: list[str] = []  # files of the dataset a builder dropped as unreadable
+        self.left_out: list[str] = list(left_out)
 
     def __len__(self) -> int:
         return len(self.records)
