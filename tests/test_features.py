@@ -279,6 +279,14 @@ BAD_ARGS = {
     "top_db": ({"top_db": -5.0}, r"top_db must be .* \(-5.0 given\)"),
     "amin": ({"amin": 0.0}, r"amin must be .* \(0.0 given\)"),
     "normalize": ({"normalize": "global"}, r"normalize must be .* \('global' given\)"),
+    # wrong types are ValueErrors too, not TypeErrors from a comparison
+    "f_min-string": ({"f_min": "0"}, r"f_min must be a number .* \('0' given\)"),
+    "f_max-string": ({"f_max": "8000"}, r"f_max must be a number .* \('8000' given\)"),
+    "top_db-string": ({"top_db": "80"}, r"top_db must be .* \('80' given\)"),
+    "amin-string": ({"amin": "1e-10"}, r"amin must be .* \('1e-10' given\)"),
+    "n_fft-float": ({"n_fft": 1024.0}, r"n_fft must be an integer .* \(1024.0 given\)"),
+    "n_mels-bool": ({"n_mels": True}, r"n_mels must be .* \(True given\)"),
+    "sample_rate-string": ({"sample_rate": "16000"}, r"sample_rate must be .* \('16000' given\)"),
 }
 
 
@@ -287,6 +295,21 @@ def test_invalid_arguments(kwargs, message):
     kwargs = {"sample_rate": SR, **kwargs}
     with pytest.raises(ValueError, match=message):
         LogMel(**kwargs)
+
+
+def test_numpy_integers_are_accepted_like_python_ints():
+    kwargs = dict(n_fft=np.int64(512), win_length=np.int32(400), hop_length=np.int64(128),
+                  n_mels=np.int16(40))
+    logmel = LogMel(np.int64(SR), **kwargs)
+    assert all(type(getattr(logmel, k)) is int for k in ("sample_rate", *kwargs))
+    x = _signals()
+    torch.testing.assert_close(logmel(x), LogMel(SR, n_fft=512, win_length=400, hop_length=128, n_mels=40)(x))
+
+
+def test_public_helpers_are_exported():
+    import audioclf
+
+    assert audioclf.mel_filterbank is mel_filterbank and "mel_filterbank" in audioclf.__all__
 
 
 @pytest.mark.cuda
