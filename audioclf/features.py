@@ -215,6 +215,10 @@ class LogMel(nn.Module):
         """Shortest clip accepted: one full frame of ``n_fft`` samples."""
         return self.n_fft
 
+    def chunk_size(self, n_samples: int) -> int:
+        """Clips per CPU chunk for clips of ``n_samples``: about ``chunk_values`` spectrum values."""
+        return max(1, self.chunk_values // (self.num_frames(n_samples) * (self.n_fft // 2 + 1)))
+
     def set_normalization(self, mean: Tensor, std: Tensor) -> None:
         """Set the per-band statistics used by ``normalize="dataset"``; both of shape (n_mels,).
 
@@ -298,7 +302,7 @@ class LogMel(nn.Module):
         blocks = self._band_blocks(interleaved)
         n_frames = self.num_frames(x.shape[1])
         out = x.new_empty(x.shape[0], self.n_mels, n_frames)
-        chunk_size = max(1, self.chunk_values // (n_frames * (self.n_fft // 2 + 1)))
+        chunk_size = self.chunk_size(x.shape[1])
 
         def one_chunk(start: int) -> None:
             chunk = x[start:start + chunk_size]

@@ -89,13 +89,22 @@ def test_filterbank_matches_librosa(scale, norm, n_fft):
     np.testing.assert_allclose(ours.T.numpy(), ref, rtol=1e-5, atol=1e-8)
 
 
-def test_batched_equals_item_by_item():
+@pytest.mark.parametrize("threads", [1, 2])
+def test_batched_equals_item_by_item(threads):
     x = _signals()
-    x = torch.cat([x, x.flip(1) * 0.5, x * 0.1])  # 12 clips: several CPU chunks
+    x = torch.cat([x, x.flip(1) * 0.5, x * 0.1])  # 12 clips
     logmel = LogMel(SR, n_mels=64)
-    batched = logmel(x)
-    single = torch.cat([logmel(x[i:i + 1]) for i in range(len(x))])
-    torch.testing.assert_close(batched, single, atol=1e-4, rtol=0)
+    logmel.chunk_values = 5 * logmel.num_frames(x.shape[1]) * (logmel.n_fft // 2 + 1)
+    assert logmel.chunk_size(x.shape[1]) == 5  # uneven CPU chunks: 5, 5, 2
+    saved = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        batched = logmel(x)
+        single = [logmel(x[i:i + 1]) for i in range(len(x))]
+    finally:
+        torch.set_num_threads(saved)
+    for i in range(len(x)):
+        torch.testing.assert_close(batched[i:i + 1], single[i], atol=1e-4, rtol=0, msg=f"clip {i}")
 
 
 def test_top_db_floors_each_clip_at_its_own_peak():
