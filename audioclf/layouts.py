@@ -41,7 +41,7 @@ __all__ = ["FORMATS", "build_manifest", "AUDIO_EXTENSIONS"]
 logger = logging.getLogger(__name__)
 
 AUDIO_EXTENSIONS = frozenset({".wav", ".flac", ".ogg", ".mp3", ".au", ".aiff", ".aif"})
-_SHOW = 5  # missing files named in an error before "..."
+_SHOW = 5  # file names shown in an error before "..."
 
 
 def build_manifest(format: str, root: str | os.PathLike) -> Manifest:
@@ -76,6 +76,10 @@ def _files(folder: Path | str, extensions=AUDIO_EXTENSIONS) -> list[str]:
     with os.scandir(folder) as it:
         return sorted(e.name for e in it if e.is_file() and not e.name.startswith(".")
                       and os.path.splitext(e.name)[1].lower() in extensions)
+
+
+def _first_few(names: list[str]) -> str:
+    return ", ".join(names[:_SHOW]) + (", ..." if len(names) > _SHOW else "")
 
 
 def _require_dir(path: Path, what: str) -> Path:
@@ -116,9 +120,8 @@ def _checked(records: list[Record], lines: list[int], source: Path) -> list[Reco
 def _check_present(expected: list[str], present: set[str], root: Path, source: str) -> None:
     missing = [p for p in expected if p not in present]
     if missing:
-        shown = ", ".join(missing[:_SHOW]) + (", ..." if len(missing) > _SHOW else "")
         raise ManifestError(f"{root}: {len(missing)} of {len(expected)} files listed in {source} "
-                            f"are missing: {shown}")
+                            f"are missing: {_first_few(missing)}")
 
 
 def _int_column(rows: list[tuple[int, dict[str, str]]], column: str, path: Path) -> list[int]:
@@ -170,7 +173,7 @@ def fsdd(root: Path) -> Manifest:
             bad.append(name)
     if bad:
         raise ManifestError(f"{folder}: {len(bad)} file name(s) are not {{digit}}_{{speaker}}_{{take}}.wav: "
-                            + ", ".join(bad[:_SHOW]) + (", ..." if len(bad) > _SHOW else ""))
+                            + _first_few(bad))
     parsed.sort()
     return Manifest([Record(f"recordings/{name}", str(digit), group=speaker)
                      for digit, speaker, _, name in parsed], root)
@@ -238,7 +241,7 @@ def speechcommands(root: Path) -> Manifest:
             records.append(Record(path, entry.name, group=speaker, extra={"split": split_of.get(path, "train")}))
     if bad:
         raise ManifestError(f"{root}: {len(bad)} file name(s) are not <speaker>_nohash_<n>.wav: "
-                            + ", ".join(bad[:_SHOW]) + (", ..." if len(bad) > _SHOW else ""))
+                            + _first_few(bad))
     _check_present(sorted(split_of), {r.path for r in records}, root, "validation_list.txt/testing_list.txt")
     return Manifest(records, root)
 
@@ -266,11 +269,11 @@ def gtzan(root: Path) -> Manifest:
             records.append(Record(f"{folder.name}/{entry.name}/{name}", entry.name))
     if bad:
         raise ManifestError(f"{folder}: {len(bad)} file name(s) are not <genre>/<genre>.000NN.wav: "
-                            + ", ".join(bad[:_SHOW]) + (", ..." if len(bad) > _SHOW else ""))
+                            + _first_few(bad))
     readable, left_out = _split_readable(records, root)
     if records and not readable:
         raise ManifestError(f"{folder}: none of the {len(records)} audio files can be read: "
-                            + ", ".join(left_out[:_SHOW]) + (", ..." if len(left_out) > _SHOW else ""))
+                            + _first_few(left_out))
     return Manifest(readable, root, left_out=left_out)
 
 
