@@ -2,8 +2,9 @@
 
 The command line and TOML config files both end up here; library functions receive the
 dataclass (or the fields they need), never a dict of strings. Every field is validated in
-``__post_init__`` and a bad value raises :class:`~audioclf.errors.ConfigError` quoting the
-value and the allowed range.
+``__post_init__``, its type first (an integer field takes no 2.5 and no ``true``, a
+switch takes no ``"false"``) and then its range; a bad value raises
+:class:`~audioclf.errors.ConfigError` quoting the value and what is allowed.
 
 A run's whole configuration is a :class:`RunConfig`; ``RunConfig.to_dict()`` is what
 checkpoints and bundles store, and ``RunConfig.from_dict()`` rebuilds it.
@@ -41,6 +42,34 @@ def _choice(name: str, value: Any, choices: tuple) -> None:
     _check(value in choices, name, value, "one of " + ", ".join(repr(c) for c in choices))
 
 
+_KINDS = {  # annotation -> (test, what the message calls it); a bool is never a number
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an integer"),
+    "float": (lambda v: isinstance(v, (int, float)) and not isinstance(v, bool), "a number"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "None": (lambda v: v is None, "None"),
+}
+
+
+def _check_types(obj) -> None:
+    """Every field of the dataclass ``obj`` holds a value of its annotated type.
+
+    Runs before the range checks, so a TOML ``epochs = 2.5`` or ``amp = "false"`` is named
+    here rather than failing later inside ``range()`` or NumPy. A field annotated
+    ``float`` alone also accepts an integer and stores it as a float (``time_shift = 1``
+    is the whole clip); where ``int | float`` is allowed the type carries meaning (an
+    epoch or a fraction, frames or a fraction) and is kept.
+    """
+    for f in fields(obj):
+        value = getattr(obj, f.name)
+        kinds = [k.strip() for k in f.type.split("|")]
+        named = [k for k in kinds if not (k == "int" and "float" in kinds)]  # "a number" covers both
+        _check(any(_KINDS[k][0](value) for k in kinds), f.name, value,
+               " or ".join(_KINDS[k][1] for k in named))
+        if "float" in kinds and "int" not in kinds and isinstance(value, int):
+            object.__setattr__(obj, f.name, float(value))
+
+
 @dataclass(frozen=True)
 class AudioConfig:
     """How clips are read and cut before the model sees them.
@@ -57,8 +86,9 @@ class AudioConfig:
     pad_mode: str = "zeros"
 
     def __post_init__(self):
-        _check(isinstance(self.sample_rate, int) and 0 < self.sample_rate <= 1_000_000,
-               "sample_rate", self.sample_rate, "an integer in (0, 1000000] Hz")
+        _check_types(self)
+        _check(0 < self.sample_rate <= 1_000_000, "sample_rate", self.sample_rate,
+               "an integer in (0, 1000000] Hz")
         _check(0 < self.clip_seconds <= 3600, "clip_seconds", self.clip_seconds, "in (0, 3600]")
         _choice("pad_mode", self.pad_mode, ("zeros", "repeat"))
 
@@ -91,6 +121,7 @@ class FeatureConfig:
     normalize: str = "dataset"
 
     def __post_init__(self):
+        _check_types(self)
         _check(self.n_fft >= 16, "n_fft", self.n_fft, "at least 16")
         if self.win_length is not None:
             _check(0 < self.win_length <= self.n_fft, "win_length", self.win_length,
@@ -132,6 +163,7 @@ class AugmentConfig:
     freq_shift: int = 0
 
     def __post_init__(self):
+        _check_types(self)
         _check(self.freq_masks >= 0, "freq_masks", self.freq_masks, ">= 0")
         _check(self.freq_mask_width >= 0, "freq_mask_width", self.freq_mask_width, ">= 0")
         _check(self.time_masks >= 0, "time_masks", self.time_masks, ">= 0")
@@ -161,6 +193,7 @@ class ModelConfig:
     drop_rate: float = 0.2
 
     def __post_init__(self):
+        _check_types(self)
         _check(bool(self.backbone), "backbone", self.backbone, "a timm model name")
         _check(0 <= self.drop_rate < 1, "drop_rate", self.drop_rate, "in [0, 1)")
 
@@ -199,6 +232,7 @@ class TrainConfig:
     val_fraction: float = 0.15
 
     def __post_init__(self):
+        _check_types(self)
         _check(self.epochs >= 1, "epochs", self.epochs, ">= 1")
         _check(self.batch_size >= 1, "batch_size", self.batch_size, ">= 1")
         _check(self.lr > 0, "lr", self.lr, "positive")
@@ -223,6 +257,7 @@ class TrainConfig:
         if self.grad_clip is not None:
             _check(self.grad_clip > 0, "grad_clip", self.grad_clip, "positive or None")
         _check(0 <= self.label_smoothing < 1, "label_smoothing", self.label_smoothing, "in [0, 1)")
+        _check(self.seed >= 0, "seed", self.seed, ">= 0")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         _check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "in (0, 1)")
 
@@ -262,7 +297,9 @@ class CVConfig:
     tta_mode: str = "circular"
 
     def __post_init__(self):
+        _check_types(self)
         _check(2 <= self.k <= 100, "k", self.k, "in [2, 100]")
+        _check(self.seed >= 0, "seed", self.seed, ">= 0")
         _check(self.tta_shifts >= 1, "tta_shifts", self.tta_shifts, ">= 1")
         _check(0 <= self.tta_max_shift <= 1, "tta_max_shift", self.tta_max_shift, "in [0, 1]")
         _choice("tta_mode", self.tta_mode, ("circular", "pad"))

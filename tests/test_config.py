@@ -18,6 +18,21 @@ def test_round_trip_through_dict():
     ("features", {"mel_scale": "bark"}, "mel_scale must be one of 'slaney', 'htk'"),
     ("augment", {"time_mask_width": 1.5}, "time_mask_width must be a fraction in [0, 1]"),
     ("cv", {"k": 1}, "k must be in [2, 100] (1 given)"),
+    # types, before ranges: these used to fail later, inside range() or NumPy
+    ("train", {"epochs": 2.5}, "epochs must be an integer (2.5 given)"),
+    ("train", {"epochs": True}, "epochs must be an integer (True given)"),
+    ("train", {"batch_size": 8.5}, "batch_size must be an integer (8.5 given)"),
+    ("features", {"n_mels": 40.5}, "n_mels must be an integer (40.5 given)"),
+    ("train", {"amp": "false"}, "amp must be true or false ('false' given)"),
+    ("train", {"swa_start": True}, "swa_start must be a number or None (True given)"),
+    ("train", {"seed": -3}, "seed must be >= 0 (-3 given)"),
+    ("train", {"seed": 1.5}, "seed must be an integer (1.5 given)"),
+    ("train", {"plateau_patience": 1.5}, "plateau_patience must be an integer or None (1.5 given)"),
+    ("train", {"lr": "0.01"}, "lr must be a number ('0.01' given)"),
+    ("audio", {"sample_rate": 8000.5}, "sample_rate must be an integer (8000.5 given)"),
+    ("augment", {"mixup_per_example": 1}, "mixup_per_example must be true or false (1 given)"),
+    ("model", {"backbone": 18}, "backbone must be a string (18 given)"),
+    ("cv", {"seed": -1}, "seed must be >= 0 (-1 given)"),
 ])
 def test_out_of_range_values_are_named(section, values, message):
     with pytest.raises(ConfigError) as e:
@@ -42,6 +57,13 @@ def test_derived_patience_and_swa_start():
     assert TrainConfig(epochs=10, swa_start=4).resolved_swa_start() == 4
 
 
+def test_an_integer_for_a_float_field_is_stored_as_a_float():
+    cfg = RunConfig.from_dict({"augment": {"time_shift": 1}, "train": {"lr": 1}})
+    assert cfg.augment.time_shift == 1.0 and isinstance(cfg.augment.time_shift, float)  # the whole clip
+    assert isinstance(cfg.train.lr, float)
+    assert TrainConfig(swa_start=3).swa_start == 3 and isinstance(TrainConfig(swa_start=3).swa_start, int)
+
+
 def test_time_mask_width_int_is_frames_float_is_fraction():
     assert AugmentConfig(time_mask_width=12).time_mask_width == 12
     with pytest.raises(ConfigError):
@@ -60,6 +82,21 @@ def test_cli_options_override_the_config_file(tmp_path):
     cfg = run_config_from_args(args)
     assert cfg.train.epochs == 3 and cfg.train.lr == 0.01 and cfg.model.backbone == "resnet34"
     assert cfg.train.swa_start is None  # --no-swa wins over --swa-start
+
+
+@pytest.mark.parametrize("given, expected", [("3", 3), ("3.0", 3), ("0.5", 0.5), ("2.7", None)])
+def test_swa_start_option_is_an_epoch_or_a_fraction(given, expected):
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    add_run_options(parser)
+    args = parser.parse_args(["--manifest", "m.csv", "--out", "o", "--swa-start", given])
+    if expected is None:  # 2.7 used to become epoch 2 without a word
+        with pytest.raises(ConfigError, match=r"--swa-start must be an epoch .* \(2.7 given\)"):
+            run_config_from_args(args)
+    else:
+        value = run_config_from_args(args).train.swa_start
+        assert value == expected and type(value) is type(expected)
 
 
 def test_config_file_errors(tmp_path):
