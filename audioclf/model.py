@@ -42,7 +42,7 @@ from audioclf.errors import ConfigError
 from audioclf.features import LogMel
 
 __all__ = ["AudioClassifier", "PRESETS", "build_model", "create_backbone", "check_backbone_name",
-           "load_pretrained_file", "bias_before_batchnorm"]
+           "check_model_config", "load_pretrained_file", "bias_before_batchnorm"]
 
 logger = logging.getLogger(__name__)
 
@@ -90,7 +90,7 @@ class AudioClassifier(nn.Module):
             raise ValueError(f"num_classes must be an integer >= 2 ({num_classes!r} given)")
         self.num_classes = num_classes
         self.sample_rate = sample_rate
-        self.timeshift = TimeShift(augment.time_shift) if augment.time_shift > 0 else nn.Identity()
+        self.timeshift = TimeShift.from_config(augment) if augment.time_shift > 0 else nn.Identity()
         self.frontend = LogMel.from_config(sample_rate, features)
         self.freqshift = FreqShift(augment.freq_shift) if augment.freq_shift > 0 else nn.Identity()
         self.specaugment = SpecAugment.from_config(augment)
@@ -141,11 +141,28 @@ def build_model(cfg: RunConfig, num_classes: int) -> AudioClassifier:
                                cfg.model)
 
 
+def check_model_config(model: ModelConfig) -> None:
+    """Refuse what :func:`build_model` would refuse, cheaply: call it before decoding any audio.
+
+    Checks the backbone name and that a local pretrained file exists; it neither creates
+    the network nor reads the weights.
+
+    Raises:
+        ConfigError: an unknown backbone (with close matches), or a pretrained path that
+            is not a file.
+    """
+    check_backbone_name(model.backbone)
+    if model.pretrained not in (None, "timm") and not Path(model.pretrained).is_file():
+        raise ConfigError(f"{model.pretrained}: pretrained weights file not found (give a local "
+                          "weights file, or 'timm' for timm's own weights)")
+
+
 def check_backbone_name(name: str) -> None:
     """Raise :class:`ConfigError` listing close timm names when ``name`` is not a timm model."""
     if name in PRESETS or timm.is_model(name):
         return
-    close = difflib.get_close_matches(name, list(PRESETS) + timm.list_models(), n=5, cutoff=0.6)
+    names = list(dict.fromkeys([*PRESETS, *timm.list_models()]))  # presets are timm names too
+    close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
     hint = f"; did you mean {', '.join(close)}?" if close else f"; presets: {', '.join(PRESETS)}"
     raise ConfigError(f"unknown backbone {name!r}: not a timm model name{hint}")
 
@@ -259,33 +276,42 @@ def _as_list(value) -> list[str]:
     return [value] if isinstance(value, str) else list(value)
 
 
-def bias_before_batchnorm(module: nn.Module, example: Tensor | None = None) -> list[tuple[str, str]]:
-    """Names of (conv or linear with a bias, BatchNorm) pairs where one feeds straight into the other.
+def bias_before_batchnorm(module: nn.Module, example: Tensor | None = None,
+                          strict: bool = False) -> list[tuple[str, str]]:
+    """Names of (conv or linear with a bias, BatchNorm) pairs where one feeds only the other.
 
     Found by running ``module`` once in eval mode and watching which tensor each
     BatchNorm receives: it follows the real data flow, not the order modules were
-    declared in. On the meta device this costs neither memory nor compute.
+    declared in. A pair counts only when the BatchNorm is the output's sole consumer
+    (counted in the autograd graph) and nothing changed the output in place on the way:
+    a bias that also reaches a residual sum, say, does not cancel and must stay. On the
+    meta device this costs neither memory nor compute.
 
     Args:
         module: the network to check.
         example: its input; default a (2, 1, H, W) zero batch on the module's device, with
             H, W from timm's ``pretrained_cfg`` (else 64).
+        strict: re-raise when ``module`` cannot run on ``example`` (tests use this, so a
+            check that ran nothing cannot pass); by default log a warning and return no
+            pairs (nothing is removed where the data flow is unknown).
     """
     if example is None:
         cfg = getattr(module, "pretrained_cfg", None) or {}
         size = (cfg.get("input_size") or (1, 64, 64))[1:]
         example = torch.zeros(2, 1, *size, device=next(module.parameters()).device)
     names = {m: n for n, m in module.named_modules()}
-    produced: dict[int, tuple[nn.Module, Tensor]] = {}  # holding the tensor keeps its id unique
-    pairs: list[tuple[str, str]] = []
+    # id -> (layer, tensor, its autograd node, version); holding the tensor keeps its id unique
+    produced: dict[int, tuple] = {}
+    candidates: list[tuple[str, str, tuple]] = []
 
     def after(mod, _inputs, out):
-        produced[id(out)] = (mod, out)
+        if mod.bias is not None and isinstance(out, Tensor):
+            produced[id(out)] = (mod, out, (out.grad_fn, out.output_nr), out._version)
 
     def before(mod, inputs):
-        src, _ = produced.get(id(inputs[0]), (None, None))
-        if src is not None and src.bias is not None:
-            pairs.append((names[src], names[mod]))
+        src = produced.get(id(inputs[0]))
+        if src is not None and inputs[0]._version == src[3]:  # not changed in place since
+            candidates.append((names[src[0]], names[mod], src[2]))
 
     hooks = []
     for m in module.modules():
@@ -294,16 +320,46 @@ def bias_before_batchnorm(module: nn.Module, example: Tensor | None = None) -> l
         elif isinstance(m, nn.modules.batchnorm._BatchNorm):
             hooks.append(m.register_forward_pre_hook(before))
     was_training = module.training
+    frozen = [p for p in module.parameters() if not p.requires_grad]
+    uses: dict = {}
     try:
-        with torch.no_grad():
-            module.eval()(example)
-    except Exception as e:  # an exotic architecture the probe cannot run: say so, keep going
+        for p in frozen:  # every layer output needs an autograd node to count its consumers
+            p.requires_grad_(True)
+        with torch.enable_grad():
+            uses = _consumers(module.eval()(example))
+    except Exception as e:  # an exotic architecture the probe cannot run
+        if strict:
+            raise
         logger.warning("could not check %s for biases before BatchNorm (%s)", type(module).__name__, e)
     finally:
         for h in hooks:
             h.remove()
+        for p in frozen:
+            p.requires_grad_(False)
         module.train(was_training)
-    return sorted(set(pairs))
+    return sorted({(conv, bn) for conv, bn, node in candidates if uses.get(node) == 1})
+
+
+def _consumers(output) -> dict[tuple, int]:
+    """How many autograd nodes take each (node, output index) as input, walking back from ``output``."""
+    if isinstance(output, Tensor):
+        roots = [output.grad_fn]
+    elif isinstance(output, dict):
+        roots = [t.grad_fn for t in output.values() if isinstance(t, Tensor)]
+    else:
+        roots = [t.grad_fn for t in output if isinstance(t, Tensor)]
+    counts: dict[tuple, int] = {}
+    stack, seen = [r for r in roots if r is not None], set()
+    while stack:
+        node = stack.pop()
+        if node in seen:
+            continue
+        seen.add(node)
+        for nxt, index in node.next_functions:
+            if nxt is not None:
+                counts[(nxt, index)] = counts.get((nxt, index), 0) + 1
+                stack.append(nxt)
+    return counts
 
 
 @torch.no_grad()

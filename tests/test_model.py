@@ -11,7 +11,7 @@ import pytest
 from audioclf.config import AudioConfig, AugmentConfig, FeatureConfig, ModelConfig, RunConfig, TrainConfig
 from audioclf.errors import ConfigError
 from audioclf.model import (PRESETS, AudioClassifier, _fold_bias_into_batchnorm, bias_before_batchnorm,
-                            build_model, create_backbone)
+                            build_model, check_backbone_name, check_model_config, create_backbone)
 
 SR = 8000
 FEATURES = FeatureConfig(n_fft=256, hop_length=64, n_mels=32, normalize="none")
@@ -125,6 +125,24 @@ def test_bad_arguments():
         create_backbone("zzzz", 3)
 
 
+def test_close_matches_are_listed_once():
+    with pytest.raises(ConfigError, match="did you mean") as e:
+        check_backbone_name("resnet_18")  # resnet18 is a preset and a timm name
+    close = str(e.value).split("did you mean ")[1].rstrip("?").split(", ")
+    assert "resnet18" in close and len(close) == len(set(close))
+
+
+def test_model_config_is_checked_without_building_anything(tmp_path):
+    """What the commands call before decoding any audio."""
+    with pytest.raises(ConfigError, match="unknown backbone 'resnet_18'.*resnet18"):
+        check_model_config(ModelConfig(backbone="resnet_18"))
+    with pytest.raises(ConfigError, match="nope.pth: pretrained weights file not found"):
+        check_model_config(ModelConfig(backbone="test_resnet", pretrained=str(tmp_path / "nope.pth")))
+    (tmp_path / "w.pth").write_bytes(b"")  # existence only: reading it is build_model's job
+    for pretrained in (None, "timm", str(tmp_path / "w.pth")):
+        check_model_config(ModelConfig(backbone="test_resnet", pretrained=pretrained))
+
+
 # --- no bias feeding straight into BatchNorm -------------------------------------------
 
 
@@ -132,20 +150,72 @@ def test_bias_detector_flags_a_bias_before_batchnorm():
     bad = nn.Sequential(nn.Conv2d(1, 4, 3, bias=True), nn.BatchNorm2d(4), nn.ReLU(),
                         nn.Conv2d(4, 4, 3, bias=True), nn.ReLU(), nn.BatchNorm2d(4))
     # the second conv feeds a ReLU, not the BatchNorm: allowed
-    assert bias_before_batchnorm(bad, torch.zeros(2, 1, 16, 16)) == [("0", "1")]
+    assert bias_before_batchnorm(bad, torch.zeros(2, 1, 16, 16), strict=True) == [("0", "1")]
+
+
+class _SharedOutput(nn.Module):
+    """A conv output that feeds its BatchNorm and also a residual sum: its bias must stay."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3, padding=1, bias=True), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y
+
+
+class _InPlaceBetween(nn.Module):
+    """conv -> in-place ReLU -> BatchNorm: the bias does not cancel through the ReLU."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3, bias=True), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        y = self.conv(x)
+        y.relu_()
+        return self.bn(y)
+
+
+class _Unrunnable(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(1, 4, 3, bias=True), nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)).view(-1, 13)  # fails on the probe's input
+
+
+def test_bias_detector_skips_outputs_that_go_elsewhere_too():
+    x = torch.zeros(2, 1, 8, 8)
+    assert bias_before_batchnorm(_SharedOutput(), x, strict=True) == []
+    assert bias_before_batchnorm(_InPlaceBetween(), x, strict=True) == []
+    plain = nn.Sequential(nn.Conv2d(1, 4, 3, bias=True), nn.BatchNorm2d(4))
+    for p in plain.parameters():
+        p.requires_grad_(False)  # frozen layers are probed too, and stay frozen
+    assert bias_before_batchnorm(plain, x, strict=True) == [("0", "1")]
+    assert not any(p.requires_grad for p in plain.parameters())
+
+
+def test_bias_detector_that_cannot_run_fails_loudly_when_strict(caplog):
+    with pytest.raises(RuntimeError, match="invalid for input"):
+        bias_before_batchnorm(_Unrunnable(), torch.zeros(2, 1, 16, 16), strict=True)
+    assert bias_before_batchnorm(_Unrunnable(), torch.zeros(2, 1, 16, 16)) == []  # nothing to remove
+    assert "could not check _Unrunnable" in caplog.text
 
 
 @pytest.mark.parametrize("name", sorted(PRESETS))
 def test_presets_have_no_bias_before_batchnorm(name):
     with torch.device("meta"):  # full-size networks, no memory and no compute
         backbone = create_backbone(name, 10)
-    assert bias_before_batchnorm(backbone) == []
+    assert bias_before_batchnorm(backbone, strict=True) == []
     assert backbone.get_classifier().out_features == 10
 
 
 def test_whole_classifier_has_no_bias_before_batchnorm():
     model = make_model()
-    assert bias_before_batchnorm(model, waves(2)) == []
+    assert bias_before_batchnorm(model, waves(2), strict=True) == []
 
 
 def test_folding_a_bias_into_batchnorm_keeps_the_function():
@@ -170,12 +240,12 @@ def test_resnest_split_attention_bias_folds_without_changing_outputs():
     for m in plain.modules():  # non-trivial statistics, so the fold has something to move
         if isinstance(m, nn.BatchNorm2d):
             m.running_mean.uniform_(-0.5, 0.5)
-    pairs = bias_before_batchnorm(plain)
+    pairs = bias_before_batchnorm(plain, strict=True)
     assert pairs and all(conv.endswith("conv2.fc1") for conv, _ in pairs)
     folded = copy.deepcopy(plain)
     for conv, bn in pairs:
         _fold_bias_into_batchnorm(folded.get_submodule(conv), folded.get_submodule(bn))
-    assert bias_before_batchnorm(folded) == []
+    assert bias_before_batchnorm(folded, strict=True) == []
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(folded(x), plain(x), rtol=1e-4, atol=1e-5)
 
@@ -234,6 +304,12 @@ def test_pretrained_file_missing_or_unreadable(tmp_path):
         make_model(pretrained=str(junk))
 
 
+def test_time_shift_given_as_an_integer_is_still_a_fraction_of_the_clip():
+    """A TOML ``time_shift = 1`` means the whole clip, not one sample."""
+    augment = RunConfig.from_dict({"augment": {"time_shift": 1, "freq_masks": 0, "time_masks": 0}}).augment
+    assert make_model(augment=augment).timeshift.max_samples(2000) == 2000
+
+
 def test_time_shift_acts_in_training_only():
     model = make_model(augment=AugmentConfig(freq_masks=0, time_masks=0, mixup_alpha=0.0, time_shift=0.5))
     model.timeshift.generator = torch.Generator().manual_seed(0)
@@ -259,7 +335,7 @@ def test_resnest_weights_with_conv_biases_load_into_the_folded_model(tmp_path):
             m.running_mean.uniform_(-0.5, 0.5)
     save_file({k: v.contiguous() for k, v in rgb.state_dict().items()}, str(tmp_path / "rgb.safetensors"))
     folded = create_backbone("resnest14d", 3, pretrained=str(tmp_path / "rgb.safetensors")).eval()
-    assert bias_before_batchnorm(folded) == []
+    assert bias_before_batchnorm(folded, strict=True) == []
     # the same features: the RGB model on a grey image (3 equal channels) = summed stem on 1 channel
     x = torch.randn(2, 1, 32, 32)
     torch.testing.assert_close(folded.forward_features(x), rgb.forward_features(x.expand(-1, 3, -1, -1)),

@@ -32,14 +32,15 @@ def run(args: argparse.Namespace) -> int:
     from audioclf.distributed import destroy_distributed
     from audioclf.errors import ConfigError
     from audioclf.manifest import read_manifest
-    from audioclf.model import build_model
+    from audioclf.model import build_model, check_model_config
     from audioclf.rundir import check_out_dir
     from audioclf.train import fit
 
     cfg = run_config_from_args(args)
     if args.val_fold is not None and args.val_fraction is not None:
         raise ConfigError("give --val-fold or --val-fraction, not both")
-    check_out_dir(Path(args.out), args.resume, args.overwrite)  # fail before decoding any audio
+    check_model_config(cfg.model)  # fail before decoding any audio
+    check_out_dir(Path(args.out), args.resume, args.overwrite)
     manifest = read_manifest(args.manifest, root=args.data_root)
     train_idx, val_idx = split_indices(manifest, args.val_fold, cfg.train.val_fraction, cfg.train.seed,
                                        source=args.manifest)
