@@ -8,6 +8,7 @@ so a seed gives the same augmentation on CPU and CUDA.
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,13 @@ def _require(ok: bool, name: str, value, allowed: str) -> None:
 
 
 def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+    """Python or numpy integers (bool excluded)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_real(value) -> bool:
+    """Python or numpy real numbers (bool excluded), so comparisons cannot raise TypeError."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
@@ -88,17 +95,19 @@ class SpecAugment(nn.Module):
         _require(_is_int(freq_mask_width) and freq_mask_width >= 0, "freq_mask_width",
                  freq_mask_width, "an integer >= 0 (bins)")
         _require(_is_int(time_masks) and time_masks >= 0, "time_masks", time_masks, "an integer >= 0")
-        if isinstance(time_mask_width, float):
-            _require(0.0 <= time_mask_width <= 1.0, "time_mask_width", time_mask_width,
-                     "a fraction in [0, 1] (float) or a width in frames (int >= 0)")
+        if _is_int(time_mask_width):
+            _require(time_mask_width >= 0, "time_mask_width", time_mask_width,
+                     "a width in frames (int >= 0) or a fraction in [0, 1] (float)")
+            time_mask_width = int(time_mask_width)
         else:
-            _require(_is_int(time_mask_width) and time_mask_width >= 0, "time_mask_width",
-                     time_mask_width, "a width in frames (int >= 0) or a fraction in [0, 1] (float)")
-        _require(0.0 <= p <= 1.0, "p", p, "in [0, 1]")
+            _require(_is_real(time_mask_width) and 0.0 <= time_mask_width <= 1.0, "time_mask_width",
+                     time_mask_width, "a fraction in [0, 1] (float) or a width in frames (int >= 0)")
+            time_mask_width = float(time_mask_width)
+        _require(_is_real(p) and 0.0 <= p <= 1.0, "p", p, "in [0, 1]")
         _require(mask_value in ("zero", "mean"), "mask_value", mask_value, "'zero' or 'mean'")
-        self.freq_masks, self.freq_mask_width = freq_masks, freq_mask_width
-        self.time_masks, self.time_mask_width = time_masks, time_mask_width
-        self.p, self.mask_value, self.generator = p, mask_value, generator
+        self.freq_masks, self.freq_mask_width = int(freq_masks), int(freq_mask_width)
+        self.time_masks, self.time_mask_width = int(time_masks), time_mask_width
+        self.p, self.mask_value, self.generator = float(p), mask_value, generator
 
     @classmethod
     def from_config(cls, cfg: AugmentConfig, generator: torch.Generator | None = None) -> "SpecAugment":
@@ -180,13 +189,14 @@ class MixUp:
 
     def __init__(self, alpha: float = 0.4, num_classes: int | None = None, per_example: bool = False,
                  p: float = 1.0, generator: torch.Generator | None = None):
-        _require(alpha >= 0, "alpha", alpha, ">= 0 (0 disables mixing)")
+        _require(_is_real(alpha) and alpha >= 0, "alpha", alpha, "a number >= 0 (0 disables mixing)")
         _require(num_classes is None or (_is_int(num_classes) and num_classes >= 1), "num_classes",
                  num_classes, "a positive integer or None")
         _require(isinstance(per_example, bool), "per_example", per_example, "True or False")
-        _require(0.0 <= p <= 1.0, "p", p, "in [0, 1]")
+        _require(_is_real(p) and 0.0 <= p <= 1.0, "p", p, "in [0, 1]")
+        num_classes = None if num_classes is None else int(num_classes)
         self.alpha, self.num_classes, self.per_example = float(alpha), num_classes, per_example
-        self.p, self.generator = p, generator
+        self.p, self.generator = float(p), generator
 
     @classmethod
     def from_config(cls, cfg: AugmentConfig, num_classes: int | None = None,
@@ -219,8 +229,11 @@ class MixUp:
         """Mix targets into soft targets (B, K) float32.
 
         Args:
-            y: (B,) integer labels, or (B, K) soft / multi-hot float targets.
+            y: (B,) integer labels in [0, K), or (B, K) soft / multi-hot float targets.
             num_classes: K for integer labels (defaults to the constructor's).
+
+        Raises:
+            ValueError: integer labels without num_classes, or outside [0, K); wrong shape.
         """
         if not y.is_floating_point():
             k = num_classes or self.num_classes
@@ -229,6 +242,11 @@ class MixUp:
                                  "mix_targets(..., num_classes=K))")
             if y.ndim != 1:
                 raise ValueError(f"integer labels must have shape (B,), got {tuple(y.shape)}")
+            outside = (y < 0) | (y >= k)
+            if outside.any():
+                bad = sorted(set(y[outside].tolist()))
+                raise ValueError(f"integer labels must be in [0, num_classes={k}); got {bad[:10]} "
+                                 "(check num_classes against the label map)")
             y = F.one_hot(y.long(), k)
         elif y.ndim != 2:
             raise ValueError(f"soft targets must have shape (B, K), got {tuple(y.shape)}")
@@ -292,12 +310,14 @@ class TimeShift(nn.Module):
     def __init__(self, max_shift: int | float, mode: str = "circular",
                  generator: torch.Generator | None = None):
         super().__init__()
-        if isinstance(max_shift, float):
-            _require(0.0 <= max_shift <= 1.0, "max_shift", max_shift,
-                     "a fraction in [0, 1] (float) or a number of samples (int >= 0)")
-        else:
-            _require(_is_int(max_shift) and max_shift >= 0, "max_shift", max_shift,
+        if _is_int(max_shift):
+            _require(max_shift >= 0, "max_shift", max_shift,
                      "a number of samples (int >= 0) or a fraction in [0, 1] (float)")
+            max_shift = int(max_shift)
+        else:
+            _require(_is_real(max_shift) and 0.0 <= max_shift <= 1.0, "max_shift", max_shift,
+                     "a fraction in [0, 1] (float) or a number of samples (int >= 0)")
+            max_shift = float(max_shift)
         _require(mode in ("circular", "pad"), "mode", mode, "'circular' or 'pad'")
         self.max_shift, self.mode, self.generator = max_shift, mode, generator
 
@@ -339,7 +359,8 @@ def tta_shifts(n_views: int, length: int, max_fraction: float) -> list[int]:
     """
     _require(_is_int(n_views) and n_views >= 1, "n_views", n_views, "an integer >= 1")
     _require(_is_int(length) and length >= 1, "length", length, "an integer >= 1")
-    _require(0.0 <= max_fraction <= 1.0, "max_fraction", max_fraction, "in [0, 1]")
+    _require(_is_real(max_fraction) and 0.0 <= max_fraction <= 1.0, "max_fraction", max_fraction,
+             "in [0, 1]")
     m = int(max_fraction * length)
     levels = n_views // 2  # number of distinct magnitudes
     shifts = [0]
@@ -390,7 +411,7 @@ class FreqShift(nn.Module):
     def __init__(self, max_shift: int, p: float = 1.0, generator: torch.Generator | None = None):
         super().__init__()
         _require(_is_int(max_shift) and max_shift >= 0, "max_shift", max_shift, "a number of bins (int >= 0)")
-        _require(0.0 <= p <= 1.0, "p", p, "in [0, 1]")
+        _require(_is_real(p) and 0.0 <= p <= 1.0, "p", p, "in [0, 1]")
         self.max_shift, self.p, self.generator = int(max_shift), float(p), generator
 
     def extra_repr(self) -> str:

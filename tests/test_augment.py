@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -155,6 +156,24 @@ def test_mixup_integer_labels_need_num_classes():
     assert mix.mix_targets(torch.tensor([0, 1]), mix.draw(2), num_classes=3).shape == (2, 3)
 
 
+@pytest.mark.parametrize("labels,bad", [([0, 3, 1, 5], r"\[3, 5\]"), ([0, -1, 2, 1], r"\[-1\]")])
+def test_mixup_labels_outside_the_classes_are_named(labels, bad):
+    mix = MixUp(num_classes=3)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, num_classes=3\); got " + bad):
+        mix(torch.zeros(4, 2), torch.tensor(labels))
+
+
+def test_numpy_numbers_are_accepted_and_exported_names():
+    import audioclf
+
+    aug = SpecAugment(freq_masks=np.int64(1), freq_mask_width=np.int32(4), time_mask_width=np.float32(0.2),
+                      p=np.float64(0.5))
+    assert aug.max_time_width(50) == 10 and type(aug.freq_mask_width) is int
+    assert TimeShift(np.int64(3)).max_samples(100) == 3 and TimeShift(np.float32(0.25)).max_samples(100) == 25
+    assert MixUp(alpha=np.float32(0.4), num_classes=np.int64(3)).num_classes == 3
+    assert audioclf.MixParams is MixParams and "MixParams" in audioclf.__all__
+
+
 def test_soft_target_cross_entropy_equals_cross_entropy():
     logits, labels = torch.randn(6, 4), torch.tensor([0, 1, 2, 3, 0, 1])
     soft = torch.softmax(torch.randn(6, 4), 1)
@@ -232,9 +251,18 @@ BAD_ARGS = {
     "spec-time_masks": (lambda: SpecAugment(time_masks=-2), r"time_masks must be .* \(-2 given\)"),
     "spec-time_mask_width": (lambda: SpecAugment(time_mask_width=1.5), r"time_mask_width .* \(1.5 given\)"),
     "spec-mask_value": (lambda: SpecAugment(mask_value="max"), r"mask_value .* \('max' given\)"),
-    "mixup-alpha": (lambda: MixUp(alpha=-0.1), r"alpha must be >= 0 .*\(-0.1 given\)"),
+    "mixup-alpha": (lambda: MixUp(alpha=-0.1), r"alpha must be a number >= 0 .*\(-0.1 given\)"),
     "mixup-p": (lambda: MixUp(p=-0.5), r"p must be in \[0, 1\] \(-0.5 given\)"),
     "mixup-num_classes": (lambda: MixUp(num_classes=0), r"num_classes .* \(0 given\)"),
+    # wrong types: ValueError quoting the value, not a TypeError from a comparison
+    "mixup-alpha-string": (lambda: MixUp(alpha="0.4"), r"alpha must be a number >= 0 .*\('0.4' given\)"),
+    "mixup-p-string": (lambda: MixUp(p="1"), r"p must be in \[0, 1\] \('1' given\)"),
+    "spec-p-string": (lambda: SpecAugment(p="x"), r"p must be in \[0, 1\] \('x' given\)"),
+    "spec-time_mask_width-string": (lambda: SpecAugment(time_mask_width="0.1"),
+                                    r"time_mask_width .* \('0.1' given\)"),
+    "shift-string": (lambda: TimeShift("0.1"), r"max_shift .* \('0.1' given\)"),
+    "freqshift-p-string": (lambda: FreqShift(2, p="0.5"), r"p must be in \[0, 1\] \('0.5' given\)"),
+    "tta-fraction-string": (lambda: tta_shifts(3, 100, "0.2"), r"max_fraction .* \('0.2' given\)"),
     "shift-fraction": (lambda: TimeShift(1.5), r"max_shift .* \(1.5 given\)"),
     "shift-negative": (lambda: TimeShift(-3), r"max_shift .* \(-3 given\)"),
     "shift-mode": (lambda: TimeShift(3, mode="reflect"), r"mode .* \('reflect' given\)"),
