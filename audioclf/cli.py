@@ -3,7 +3,8 @@
 Each subcommand lives in :mod:`audioclf.commands` as a small module with ``add_arguments``
 and ``run``; those modules import only the standard library at start-up, so
 ``audioclf --help`` answers without importing torch. Errors caused by the user's input
-(:class:`~audioclf.errors.AudioclfError`) print one line and exit with status 2.
+(:class:`~audioclf.errors.AudioclfError`) print one line and exit with status 2. Under
+torchrun only rank 0 logs progress (INFO); the other ranks log warnings and errors.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 
 from audioclf._version import __version__
@@ -24,7 +26,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="Audio classification: manifests, training, K-fold ensembles, prediction.",
     )
     parser.add_argument("--version", action="version", version=f"audioclf {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="log debug messages (rank 0 only under torchrun)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in COMMANDS:
         module = importlib.import_module(f"audioclf.commands.{name}")
@@ -41,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=_log_level(args.verbose),
         format="%(message)s" if not args.verbose else "%(levelname)s %(name)s: %(message)s",
     )
     try:
@@ -52,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"audioclf {args.command}: interrupted", file=sys.stderr)
         return 130
+
+
+def _log_level(verbose: bool) -> int:
+    """INFO (DEBUG with -v) on rank 0; under torchrun the other ranks log warnings and errors only."""
+    if os.environ.get("RANK", "0").strip() not in ("", "0"):
+        return logging.WARNING
+    return logging.DEBUG if verbose else logging.INFO
 
 
 if __name__ == "__main__":

@@ -67,3 +67,18 @@ def test_import_audioclf_is_light_and_every_public_name_resolves():
         assert getattr(audioclf, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'nothing'"):
         audioclf.nothing  # noqa: B018
+
+
+@pytest.mark.parametrize("rank, verbose, level", [(None, False, "INFO"), ("0", True, "DEBUG"),
+                                                   ("1", False, "WARNING"), ("3", True, "WARNING")])
+def test_only_rank_0_logs_progress_under_torchrun(tmp_path, monkeypatch, rank, verbose, level):
+    import logging
+
+    if rank is None:
+        monkeypatch.delenv("RANK", raising=False)
+    else:
+        monkeypatch.setenv("RANK", rank)
+    seen = {}
+    monkeypatch.setattr(logging, "basicConfig", lambda **kw: seen.update(kw))
+    main(["-v"] * verbose + ["train", "--manifest", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "o")])
+    assert seen["level"] == getattr(logging, level)
