@@ -93,6 +93,15 @@ def test_specaugment_seed_reproduces_and_draw_replays():
     assert not torch.equal(SpecAugment(generator=_gen(4))(x), a)
 
 
+def test_masks_reach_the_first_and_last_bin_at_full_width():
+    # start is uniform in [0, size - width]: an off-by-one would never touch one edge
+    freq = SpecAugment(freq_masks=1, freq_mask_width=3, time_masks=0, generator=_gen()).draw(2000, 10, 12)
+    time = SpecAugment(freq_masks=0, time_masks=1, time_mask_width=3, generator=_gen()).draw(2000, 10, 12)
+    for rows in (freq[:, 0, :, 0], time[:, 0, 0, :]):  # (B, F) and (B, T)
+        full = rows.sum(1) == 3
+        assert rows[full, :3].all(1).any() and rows[full, -3:].all(1).any()
+
+
 def test_specaugment_from_config():
     cfg = AugmentConfig(freq_masks=1, freq_mask_width=7, time_masks=3, time_mask_width=0.2,
                         specaugment_p=0.5, mask_value="mean")
@@ -122,6 +131,34 @@ def test_mixup_targets_sum_to_one_and_lambda_in_unit_interval(per_example):
     x, y = mix(torch.randn(64, 1, 8, 8), torch.randint(0, 5, (64,)))
     torch.testing.assert_close(y.sum(1), torch.ones(64))
     assert x.shape == (64, 1, 8, 8) and y.shape == (64, 5)
+
+
+@pytest.mark.parametrize("per_example", [False, True])
+def test_mixup_call_mixes_inputs_and_targets_with_the_same_draw(per_example):
+    # Input i is the one-hot e_i and its label is i: mixed with lam and partner j it becomes
+    # lam e_i + (1 - lam) e_j, which shows the draw; the targets must be mixed by that draw.
+    n = 32
+    mix = MixUp(alpha=0.4, num_classes=n, per_example=per_example, p=0.75 if per_example else 1.0,
+                generator=_gen(2))
+    x, y = mix(torch.eye(n), torch.arange(n))
+    lam = x.diagonal()  # lam_i, or 1 where example i was not mixed or drew itself
+    assert ((lam > 0) & (lam < 1)).any()  # something was mixed
+    torch.testing.assert_close(y, x, atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("alpha,share_between,tolerance", [
+    (0.1, 0.187, 0.03),  # U-shaped: most lambdas near 0 or 1
+    (1.0, 0.8, 0.03),  # uniform
+    (50.0, 1.0, 0.0),  # concentrated at 0.5 (std 0.05)
+])
+def test_mixup_lambda_follows_beta_alpha_alpha(alpha, share_between, tolerance):
+    lam = MixUp(alpha=alpha, per_example=True, generator=_gen(0)).draw(4000).lam
+    # share in (0.1, 0.9): Beta(alpha, alpha).cdf(0.9) - .cdf(0.1), from scipy.stats
+    share = ((lam > 0.1) & (lam < 0.9)).float().mean().item()
+    assert abs(share - share_between) <= tolerance
+    assert abs(lam.mean().item() - 0.5) < 0.03  # symmetric
+    if alpha == 50.0:
+        assert ((lam - 0.5).abs() < 0.1).float().mean() > 0.9
 
 
 def test_mixup_soft_and_multi_hot_targets():
