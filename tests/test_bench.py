@@ -9,8 +9,8 @@ import math
 import pytest
 import torch
 
-from audioclf.bench import (STAGES, BenchRow, BenchSettings, Method, format_table, measure,
-                            run_benchmarks)
+from audioclf.bench import (STAGES, BenchRow, BenchSettings, Method, _test_batch, format_table,
+                            measure, run_benchmarks)
 from audioclf.commands import bench as bench_command
 from audioclf.errors import ConfigError
 from audioclf.features import LogMel
@@ -27,16 +27,32 @@ def test_logmel_rows_are_sane():
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(threads)
-    assert [r.stage for r in rows] == ["logmel"] * 4
-    ref, *others = rows
-    assert "librosa" in ref.method and ref.ratio == 1.0 and ref.max_abs_diff is None
-    for r in others:
+    assert [r.stage for r in rows] == ["logmel"] * 5
+    ref, naive, *others = rows
+    assert "librosa" in ref.method and "basis built once" in ref.method
+    assert ref.ratio == 1.0 and ref.max_abs_diff is None and "1 thread" in ref.note
+    # librosa's own melspectrogram gives the same features as the reference, basis and all
+    assert "melspectrogram" in naive.method and naive.max_abs_diff < 1e-3
+    for r in [naive, *others]:
         assert r.items == 3 and r.seconds > 0 and math.isfinite(r.throughput)
         assert 0 < r.ratio < math.inf
         assert r.max_abs_diff < 0.05  # dB: every method computes the same features
     assert any("torchaudio" in r.method for r in others)
     assert any("audioclf" in r.method for r in others)
     assert any("one thread" in r.method for r in others)
+
+
+def test_bench_input_has_dynamics_beyond_top_db():
+    # Silent gaps and a level envelope: the top_db floor changes entries of every clip, so
+    # the benchmark measures (and compares) the floor too.
+    s = BenchSettings(batch_size=4, seconds=1.0, sample_rate=8000, n_fft=256, hop_length=80,
+                      n_mels=32, device="cpu")
+    x = _test_batch(s)
+    assert x.shape == (4, 8000) and x.abs().max() <= 1
+    floored = LogMel(8000, n_fft=256, hop_length=80, n_mels=32, top_db=80.0)(x)
+    raw = LogMel(8000, n_fft=256, hop_length=80, n_mels=32, top_db=None)(x)
+    changed = (floored != raw).flatten(1).float().mean(1)  # (B,)
+    assert (changed > 0.05).all()
 
 
 def test_measure_times_every_method_per_round_and_compares_outputs():
@@ -78,9 +94,10 @@ def test_bench_command_prints_the_table_and_writes_json(tmp_path, capsys):
     assert "librosa" in printed and "audioclf LogMel, CPU" in printed
     saved = json.loads(out.read_text())
     assert saved["settings"]["batch_size"] == 2 and len(saved["rows"]) >= 3
-    assert [r["method"] for r in saved["rows"]][:3] == [
-        "librosa, clip by clip (reference)", "torchaudio MelSpectrogram + AmplitudeToDB, batched",
-        "audioclf LogMel, CPU"]
+    assert [r["method"] for r in saved["rows"]][:4] == [
+        "librosa, clip by clip, mel basis built once (reference)",
+        "librosa melspectrogram, clip by clip (rebuilds the mel basis per clip)",
+        "torchaudio MelSpectrogram + AmplitudeToDB, batched", "audioclf LogMel, CPU"]
 
 
 @pytest.mark.parametrize("power", [1.0, 2.0])
@@ -97,6 +114,15 @@ def test_fast_logmel_equals_plain_torchaudio(power):
     # AmplitudeToDB("power") takes 10 log10 whatever the exponent, like LogMel and power_to_db.
     reference = torchaudio.transforms.AmplitudeToDB("power", top_db=80.0)(mel(x[:, None]))
     torch.testing.assert_close(logmel(x), reference, atol=2e-3, rtol=0)
+
+
+@pytest.mark.cuda
+def test_cuda_rows_say_whether_they_include_the_copy():
+    settings = BenchSettings(batch_size=2, seconds=0.25, sample_rate=8000, n_fft=256, hop_length=80,
+                             n_mels=32, repeats=1, device="cuda")
+    cuda = [r for r in run_benchmarks(["logmel"], settings) if "CUDA" in r.method]
+    assert len(cuda) == 2 and all(r.max_abs_diff < 0.05 for r in cuda)
+    assert "excludes the host->device copy" in cuda[0].note and "with the host->device copy" in cuda[1].method
 
 
 def test_bench_command_module_imports_no_heavy_package():

@@ -1,8 +1,10 @@
 """Measure the throughput of pipeline stages on this machine and print a table.
 
 Each stage is compared with a reference measured in the same run (for ``logmel``:
-librosa, clip by clip), so the ratio column means something on a shared or busy
-machine where absolute figures drift. Times are medians over ``--repeats`` runs.
+librosa, clip by clip, with the mel basis built once; librosa's own ``melspectrogram``,
+which rebuilds it per clip, has its own row), so the ratio column means something on a
+shared or busy machine where absolute figures drift. Times are medians over ``--repeats``
+runs. CUDA rows (when a GPU is present) are shown without and with the host->device copy.
 """
 
 from __future__ import annotations
