@@ -6,6 +6,8 @@ validation split carved from its training folds and is scored once on its held-o
 Writes OUT/fold-<k>/ (work folders) and OUT/bundle/ (config.json, fold-<k>.safetensors,
 report.json, report.md, oof.csv, plots). With --folds only those folds are trained and
 nothing is merged: run several such jobs into the same OUT, then `audioclf cv-merge OUT`.
+An OUT holding another run (other manifest, seed, k or settings) is refused before
+anything in it is written; --overwrite (without --folds) removes that run first.
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ def parse_folds(text: str | None) -> list[int] | None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import shlex
     import sys
 
     from audioclf.crossval import cross_validate, is_main_process
@@ -64,7 +67,7 @@ def run(args: argparse.Namespace) -> int:
     test = read_manifest(args.test_manifest, root=args.data_root) if args.test_manifest else None
     result = cross_validate(manifest, cfg, args.out, folds=folds, test_manifest=test, cache_dir=args.cache_dir,
                             resume=args.resume, overwrite=args.overwrite,
-                            command=" ".join(["audioclf", *sys.argv[1:]]))
+                            command=shlex.join(["audioclf", *sys.argv[1:]]))
     if not is_main_process():  # under torchrun only rank 0 reports
         return 0
     print(result.summary())

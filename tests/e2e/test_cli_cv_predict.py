@@ -84,3 +84,26 @@ def test_predict_names_an_incomplete_bundle(fsdd_bundle, tmp_path, fsdd_dir):
     done = audioclf("predict", fsdd_dir / "recordings" / "0_george_0.wav", "--bundle", broken)
     assert done.returncode == 2
     assert "fold-1.safetensors" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_refused_cv_leaves_the_run_mergeable_and_commands_are_quoted(fsdd_bundle, fsdd_dir, tmp_path):
+    import shlex
+    import shutil
+
+    out, _ = fsdd_bundle
+    run = tmp_path / "run copy"  # a space: the recorded command must stay one argument
+    shutil.copytree(out, run)
+    before = (run / "folds.csv").read_bytes()
+    manifest = shlex.split(json.loads((run / "bundle" / "report.json").read_text())["command"])
+    manifest = manifest[manifest.index("--manifest") + 1]
+    done = audioclf("cv", "--manifest", manifest, "--data-root", fsdd_dir, "--out", run, "--k", 3, "--seed", 1,
+                    "--backbone", "test_resnet")
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    [error] = [line for line in done.stderr.splitlines() if line.startswith("audioclf cv: error:")]
+    assert "use --overwrite to replace that run" in error
+    assert (run / "folds.csv").read_bytes() == before
+    merged = audioclf("cv-merge", run)
+    assert merged.returncode == 0, merged.stderr
+    report = json.loads((run / "bundle" / "report.json").read_text())
+    assert shlex.split(report["command"]) == ["audioclf", "cv-merge", str(run)]
+    assert report["n_clips"] == 30 and set(report["fold_commands"]) == {"0", "1", "2"}
