@@ -1,7 +1,9 @@
 """Print the path of one clip that a recipe run never trained or selected on.
 
 Usage: python scripts/demo_clip.py RUN_DIR   (RUN_DIR: a recipe's --out with a held-out test set)
-Used by `make demo` to pick the clip it predicts.
+Used by `make demo` to pick the clip it predicts: the path goes to stdout (the Makefile
+captures it), the clip's true label to stderr, so the demo shows what the prediction
+should say.
 """
 
 import csv
@@ -16,10 +18,13 @@ def main(run_dir: str) -> int:
         data_dir = Path(json.loads((run / "recipe.json").read_text())["data_dir"])
         with open(run / "test-clips.csv", newline="") as f:
             rows = list(csv.DictReader(f))
-    except (OSError, KeyError, ValueError) as e:
+        row = rows[len(rows) // 2]  # the middle row: a mid-range digit
+    except (OSError, KeyError, ValueError, IndexError) as e:
         print(f"demo_clip: {run}: not a finished recipe run with a held-out test set ({e})", file=sys.stderr)
         return 2
-    print(data_dir / rows[len(rows) // 2]["path"])  # the middle row: a mid-range digit
+    path = data_dir / row["path"]
+    print(f"demo clip: {path} (true label: {row['label']}; never trained or selected on)", file=sys.stderr)
+    print(path)
     return 0
 
 

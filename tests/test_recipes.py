@@ -324,3 +324,20 @@ def test_data_dir_that_is_a_file(tmp_path):
     msg = _error("gtzan", ["--data-dir", str(tmp_path / "gtzan.zip")])
     assert "gtzan.zip: is not a folder; expected GTZAN genre collection in its official layout" in msg
     assert "Download it by hand from http://marsyas.info" in msg and "--download" not in msg
+
+
+def test_demo_clip_prints_a_held_out_path_and_its_true_label(tmp_path):
+    (tmp_path / "recipe.json").write_text(json.dumps({"data_dir": str(tmp_path / "fsdd")}))
+    (tmp_path / "test-clips.csv").write_text("path,label\nrecordings/3_theo_0.wav,3\nrecordings/7_theo_1.wav,7\n")
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "demo_clip.py"), str(tmp_path)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0
+    assert done.stdout == f"{tmp_path / 'fsdd' / 'recordings' / '7_theo_1.wav'}\n"  # what `make demo` captures
+    assert "true label: 7" in done.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "recipe.json").write_text(json.dumps({"data_dir": "x"}))
+    (empty / "test-clips.csv").write_text("path,label\n")
+    done = subprocess.run([sys.executable, str(REPO / "scripts" / "demo_clip.py"), str(empty)],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stdout == "" and "not a finished recipe run" in done.stderr
