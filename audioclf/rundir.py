@@ -8,19 +8,22 @@ Layout written by :func:`audioclf.train.fit` (rank 0 only)::
       state.safetensors               resume point after the last complete epoch
       tensorboard/                    event files, when tensorboard is installed
 
-A folder holding any of these belongs to a run: a new run refuses it unless asked to
-resume it or to overwrite it, so nothing is replaced by accident.
+A folder holding any of these belongs to a run, and so does one holding a
+cross-validation run (``folds.csv``, ``fold-<k>/``, ``bundle/``): a new run refuses it
+unless asked to resume it or to overwrite it, so nothing is replaced by accident.
 
 The resume point (:func:`save_resume_point`) holds what an epoch boundary needs: the
 weights, the optimizer, the LR schedule, the SWA average and its count, the loss scaler,
-the selection bookkeeping (:class:`Progress`: best score, its weights, epochs since) and
-the history. Random streams are not stored: :mod:`audioclf.runtime` re-derives them
-from (seed, rank, epoch) at every epoch.
+the selection bookkeeping (:class:`Progress`: best score, its weights, epochs since), the
+run's plan (:class:`RunPlan`: what was derived from the epoch budget at the first start),
+the summary of the model last saved, and the history. Random streams are not stored:
+:mod:`audioclf.runtime` re-derives them from (seed, rank, epoch) at every epoch.
 """
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 import math
@@ -34,24 +37,29 @@ from torch import Tensor
 
 from audioclf._io import write_text_atomic
 from audioclf._state import load_state, save_state
+from audioclf.config import RunConfig, TrainConfig
 from audioclf.distributed import all_agree, broadcast_object
 from audioclf.errors import AudioclfError, ConfigError
 
-__all__ = ["RUN_FILES", "STATE_FILE", "Progress", "check_out_dir", "claim_out_dir", "open_run",
-           "check_same_run", "save_resume_point", "restore_resume_point", "write_metrics_csv",
-           "METRIC_COLUMNS"]
+__all__ = ["RUN_FILES", "CV_RUN_FILES", "STATE_FILE", "RunPlan", "Progress", "check_out_dir",
+           "claim_out_dir", "open_run", "check_same_run", "save_resume_point", "record_saved_model",
+           "restore_progress", "restore_resume_point", "write_metrics_csv", "METRIC_COLUMNS"]
 
 logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.safetensors"
 RUN_FILES = ("model.safetensors", "model.json", "metrics.csv", STATE_FILE)
+# what `audioclf cv` writes at the top of its folder (see audioclf.bundle): a train run there
+# would mix with it
+CV_RUN_FILES = ("folds.csv", "test-clips.csv", "bundle", "fold-*")
 # lr: at the start of the epoch; improved: a new best (keep_best); swa: weights averaged this epoch
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_accuracy", "improved", "swa",
                   "seconds")
 
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the plan and the saved model's summary
 
-# Options a resumed run may change: they extend the budget or move the run, not its course.
+# Options a resumed run may change: they extend the budget or move the run, not its course
+# (what the budget decides is kept in the run's RunPlan; see audioclf.train).
 RESUMABLE_CHANGES = {("train", "epochs"), ("train", "early_stopping_patience"),
                      ("train", "num_workers"), ("train", "device"), ("train", "compile")}
 
@@ -68,7 +76,7 @@ def check_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
         raise ConfigError("resume and overwrite exclude each other: pick one")
     if out_dir.exists() and not out_dir.is_dir():
         raise ConfigError(f"{out_dir}: output path exists and is not a folder")
-    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    found = [p.name for p in _run_files(out_dir)]
     state = out_dir / STATE_FILE
     if resume:
         if state.exists():
@@ -91,14 +99,23 @@ def claim_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
         return state
     if resume:
         logger.info("%s: nothing to resume; starting a new run", out_dir)
-    found = [name for name in RUN_FILES if (out_dir / name).exists()]
+    found = _run_files(out_dir)
     if found:  # only reachable with overwrite
         logger.info("%s: replacing the run found there (--overwrite)", out_dir)
-        for name in found:
-            (out_dir / name).unlink()
+        for path in found:
+            if path.is_dir():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
         shutil.rmtree(out_dir / "tensorboard", ignore_errors=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     return None
+
+
+def _run_files(out_dir: Path) -> list[Path]:
+    """The files (and cross-validation folders) of a run found in ``out_dir``."""
+    found = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
+    return found + sorted(p for pattern in CV_RUN_FILES for p in out_dir.glob(pattern))
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:
@@ -108,15 +125,21 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], source: Path)
         saved, current: {"config": RunConfig.to_dict(), "label_names": [...],
             "n_train": int, "n_val": int}. The number of processes may change: the global
             batch size is part of the config, and every random stream is re-derived from
-            (seed, rank, epoch) at each epoch.
+            (seed, rank, epoch) at each epoch. A field the saved config lacks (a run saved
+            by an older audioclf) takes its default, as loading that config would.
 
     Raises:
         ConfigError: naming every field that differs (with both values).
     """
+    try:
+        before = RunConfig.from_dict(saved["config"], source="saved config").to_dict()
+    except ConfigError as e:
+        raise ConfigError(f"{source}: cannot resume: the saved run's configuration is not valid "
+                          f"here ({e}); start a new run (--overwrite)") from None
     diffs = []
     for section, values in current["config"].items():
         for name, value in values.items():
-            old = saved["config"].get(section, {}).get(name)
+            old = before[section][name]
             if (section, name) not in RESUMABLE_CHANGES and old != value:
                 diffs.append(f"{section}.{name}: {old!r} in the saved run, {value!r} now")
     for key in ("label_names", "n_train", "n_val"):
@@ -142,9 +165,43 @@ def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:
 
 
 @dataclass
-class Progress:
-    """Selection bookkeeping of a run; with the weights and optimizer, all a resume point needs."""
+class RunPlan:
+    """What a run derives from its epoch budget, resolved once at its first start.
 
+    A resumed run keeps its plan whatever ``epochs`` it is given now: a larger budget only
+    extends the loop (see :mod:`audioclf.train`), so the SWA start, the cosine length and
+    the patiences do not drift. Early stopping may move ``swa_start`` and ``end_epoch``
+    earlier, by the same number of epochs (:func:`audioclf.train.bring_swa_forward`).
+    """
+
+    budget: int  # TrainConfig.epochs at the first start: the cosine schedule spans it
+    end_epoch: int  # the last epoch for that budget
+    swa_start: int | None  # the first averaged epoch; None: no SWA
+    plateau_patience: int
+    stop_patience: int  # early stopping; an explicit early_stopping_patience on resume replaces it
+
+    @classmethod
+    def from_config(cls, tc: TrainConfig) -> "RunPlan":
+        return cls(budget=tc.epochs, end_epoch=tc.epochs, swa_start=tc.resolved_swa_start(),
+                   plateau_patience=tc.resolved_plateau_patience(),
+                   stop_patience=tc.resolved_early_stopping_patience())
+
+    def last_epoch(self, epochs: int) -> int:
+        """The last epoch to train when the budget is now ``epochs``: the planned end, moved
+        by as many epochs as the budget was changed."""
+        return self.end_epoch + epochs - self.budget
+
+    @property
+    def swa_epochs(self) -> int | None:
+        """How many epochs the SWA phase averages, for the planned budget."""
+        return None if self.swa_start is None else self.end_epoch - self.swa_start + 1
+
+
+@dataclass
+class Progress:
+    """Where a run stands: with the weights and optimizer, all a resume point needs."""
+
+    plan: RunPlan
     epoch: int = 0  # last complete epoch
     history: list[dict[str, Any]] = field(default_factory=list)
     best_metric: float = -math.inf
@@ -152,6 +209,8 @@ class Progress:
     best_epoch: int = 0
     since_best: int = 0
     best_state: dict[str, Tensor] | None = None
+    # the training summary of the model in model.safetensors; None until the run first finishes
+    saved: dict[str, Any] | None = None
 
 
 def open_run(out_dir: Path, resume: bool, overwrite: bool, identity: dict[str, Any],
@@ -197,6 +256,7 @@ def save_resume_point(path: Path, progress: Progress, identity: dict[str, Any], 
     best_weights = None if progress.best_epoch == progress.epoch else progress.best_state
     save_state(path, {
         "version": STATE_VERSION, "run": identity, "epoch": progress.epoch,
+        "plan": dataclasses.asdict(progress.plan), "saved": progress.saved,
         "history": progress.history, "best_metric": progress.best_metric,
         "best_loss": progress.best_loss, "best_epoch": progress.best_epoch,
         "since_best": progress.since_best, "best_weights": best_weights,
@@ -205,20 +265,40 @@ def save_resume_point(path: Path, progress: Progress, identity: dict[str, Any], 
         "swa": swa_model.state_dict() if swa_model is not None else None})
 
 
-def restore_resume_point(state: dict, model, optimizer, schedule, scaler) -> Progress:
-    """Load a state from :func:`open_run` into the run's objects; returns its progress.
+def record_saved_model(path: Path, summary: dict[str, Any]) -> None:
+    """Note in the resume point at ``path`` the summary of the model just saved beside it
+    (rewritten atomically; the rest of the state is left exactly as it was)."""
+    state = load_state(path)
+    state["saved"] = summary
+    save_state(path, state)
+
+
+def restore_progress(state: dict) -> Progress:
+    """The progress (and plan) stored in a state from :func:`open_run`.
+
+    A version-1 state (no plan) gets the plan its saved configuration resolves to.
+    """
+    version = state.get("version")
+    if version not in (1, STATE_VERSION):
+        raise ConfigError(f"resume state version {version!r} is not one this audioclf reads "
+                          f"(1 to {STATE_VERSION}); start a new run (--overwrite)")
+    if version == 1:
+        plan = RunPlan.from_config(RunConfig.from_dict(state["run"]["config"]).train)
+    else:
+        plan = RunPlan(**state["plan"])
+    return Progress(plan=plan, epoch=state["epoch"], history=state["history"],
+                    best_metric=state["best_metric"], best_loss=state["best_loss"],
+                    best_epoch=state["best_epoch"], since_best=state["since_best"],
+                    best_state=state["best_weights"] or state["model"], saved=state.get("saved"))
+
+
+def restore_resume_point(state: dict, model, optimizer, schedule, scaler) -> None:
+    """Load a state from :func:`open_run` into the run's objects (see :func:`restore_progress`).
 
     The SWA average is restored by the caller once it has built it (``state["swa"]``).
     """
-    if state.get("version") != STATE_VERSION:
-        raise ConfigError(f"resume state version {state.get('version')!r} is not {STATE_VERSION}; "
-                          "start a new run (--overwrite)")
     model.load_state_dict(state["model"])
     optimizer.load_state_dict(state["optimizer"])
     schedule.load_state_dict(state["schedule"])
     if state["scaler"]:
         scaler.load_state_dict(state["scaler"])
-    return Progress(epoch=state["epoch"], history=state["history"], best_metric=state["best_metric"],
-                    best_loss=state["best_loss"], best_epoch=state["best_epoch"],
-                    since_best=state["since_best"],
-                    best_state=state["best_weights"] or state["model"])

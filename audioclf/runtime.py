@@ -71,10 +71,12 @@ def make_runtime(tc: TrainConfig, device: torch.device, info: DistInfo) -> Runti
                    tc.label_smoothing, tc.num_workers)
 
 
-def inference_runtime(device: torch.device, info: DistInfo, batch_size: int) -> Runtime:
-    """A runtime for scoring only (bf16 autocast on CUDA when supported)."""
-    amp = torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
-    return Runtime(device, info, batch_size, amp, torch.amp.GradScaler("cpu", enabled=False))
+def inference_runtime(device: torch.device, info: DistInfo, batch_size: int, amp: bool = True) -> Runtime:
+    """A runtime for scoring only: bf16 autocast on CUDA when supported and ``amp`` is set
+    (pass ``TrainConfig.amp`` to score as the model was trained), float32 otherwise."""
+    use_bf16 = amp and device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return Runtime(device, info, batch_size, torch.bfloat16 if use_bf16 else None,
+                   torch.amp.GradScaler("cpu", enabled=False))
 
 
 def derive_seed(*keys: int) -> int:

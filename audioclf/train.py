@@ -2,14 +2,39 @@
 
     before:   dataset normalization statistics (FeatureConfig.normalize == "dataset")
     each epoch:
-      train_one_epoch   train mode; MixUp + SpecAugment; soft-target loss; AdamW
-      update_swa        average the weights once epoch >= TrainConfig.resolved_swa_start()
-      evaluate          eval mode; the whole validation set (sharded over ranks, gathered)
-      LR schedule       plateau on validation accuracy, or cosine per batch; SWALR once averaging
-      keep_best         copy the weights when validation accuracy improves (ties: lower loss)
-      resume point      state.safetensors and metrics.csv, atomically (rank 0)
-      early stopping    after resolved_early_stopping_patience() epochs without improvement
-    after:    restore the best weights; SWA: update_bn_stats then evaluate; keep the better
+      train_one_epoch    train mode; MixUp + SpecAugment; soft-target loss; AdamW
+      update_swa         average the weights once the SWA phase has begun
+      evaluate           eval mode; the whole validation set (sharded over ranks, gathered)
+      LR schedule        plateau on validation accuracy, or cosine per batch; SWALR once averaging
+      keep_best          copy the weights when validation accuracy improves (ties: lower loss)
+      bring_swa_forward  early stopping would come before SWA: begin SWA at the next epoch
+      resume point       state.safetensors and metrics.csv, atomically (rank 0)
+      early_stopping     without SWA: stop after the patience without improvement
+    after:    SWA: update_bn_stats on the average, evaluate; save the better of it and the
+              best epoch (never replacing a better model this run saved before)
+
+Early stopping and SWA. Early stopping fires after ``stop_patience`` epochs in a row
+without improvement (:meth:`TrainConfig.resolved_early_stopping_patience`). Without SWA
+the run ends there and the best epoch's weights are restored. With SWA the average is
+never given up: when early stopping fires before the SWA phase has begun, the phase
+begins at the next epoch instead (SWALR takes over from the current weights) and runs its
+planned length, ``epochs - swa_start + 1`` epochs, so the run ends as many epochs before
+its budget as SWA was brought forward. Once averaging has begun, early stopping does not
+cut it short. For example, with 20 epochs, ``swa_start`` 0.7 (epoch 15, 6 SWA epochs)
+and patience 6, a run whose last improvement was epoch 5 averages epochs 12-17 and ends.
+
+The plan. What derives from the epoch budget (the SWA start, the last epoch, the cosine
+length, both patiences) is resolved once, at the run's first start, and kept in the
+resume point (:class:`~audioclf.rundir.RunPlan`, with the SWA start actually used). A run
+resumed with another ``epochs`` keeps its plan, and the change only moves its end by as
+many epochs: a plateau run continues at its current learning rate; an SWA run averages
+the extra epochs too, at the SWA learning rate; a cosine run without SWA has annealed to
+zero at the end of its planned epochs and is refused (start a new run). An
+``early_stopping_patience`` given explicitly on resume replaces the planned one.
+
+The saved model. ``model.safetensors`` is written when the run finishes and is never
+replaced by one that validates worse: a finished run resumed with more epochs keeps its
+earlier model (and that model's summary) unless its new best epoch or SWA average beats it.
 
 The same code runs on one CPU, one GPU (bf16 autocast, channels_last, optional
 torch.compile), and under ``torchrun`` with DistributedDataParallel (see
@@ -42,21 +67,22 @@ from tqdm.auto import tqdm
 
 from audioclf.augment import MixUp, soft_target_cross_entropy
 from audioclf.checkpoint import save_checkpoint, unwrap_model
-from audioclf.config import RunConfig
+from audioclf.config import RunConfig, TrainConfig
 from audioclf.distributed import (DistInfo, all_reduce_mean, average_batchnorm_stats, barrier,
                                   broadcast_tensors, current_info, gather_shards, init_distributed,
                                   resolve_device)
 from audioclf.errors import ConfigError
 from audioclf.features import compute_normalization_stats
 from audioclf.optim import LRSchedule, build_optimizer
-from audioclf.rundir import (STATE_FILE, Progress, open_run, restore_resume_point, save_resume_point,
+from audioclf.rundir import (STATE_FILE, Progress, RunPlan, open_run, record_saved_model,
+                             restore_progress, restore_resume_point, save_resume_point,
                              write_metrics_csv)
 from audioclf.runtime import (Runtime, eval_loader, inference_runtime, make_runtime, seed_epoch,
                               steps_per_epoch, sync_batchnorm, tensorboard_writer, train_loader,
                               wrap_ddp)
 
 __all__ = ["fit", "TrainResult", "train_one_epoch", "evaluate", "update_swa", "update_bn_stats",
-           "keep_best", "fit_normalization", "predict_proba"]
+           "keep_best", "bring_swa_forward", "early_stopping", "fit_normalization", "predict_proba"]
 
 logger = logging.getLogger(__name__)
 
@@ -74,6 +100,9 @@ class TrainResult:
         chosen: "best" or "swa": the model saved in ``model.safetensors``.
         history: one dict per epoch (the columns of metrics.csv).
         model_path: ``out_dir/model.safetensors`` (``model.json`` lies beside it).
+
+    When a resumed run keeps the model an earlier finish saved (see the module
+    docstring), the scores are those recorded with it.
     """
 
     best_metric: float
@@ -98,12 +127,17 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: RunConfig,
         label_names: class names in the order of the model's outputs.
         resume: continue the run in ``out_dir`` from its last complete epoch; the options
             in ``rundir.RESUMABLE_CHANGES`` (e.g. ``epochs``) may differ, nothing else.
+            A different ``epochs`` moves the run's end and nothing else (the plan, in the
+            module docstring).
         overwrite: replace a run found in ``out_dir``.
 
     The plateau and early-stopping patiences default to values derived from the epoch
     budget (:meth:`TrainConfig.resolved_plateau_patience`, explained in
     :mod:`audioclf.optim`); an epoch counts as an improvement when :func:`keep_best`
-    keeps it. Under torchrun, ``cfg.train.batch_size`` is the global batch.
+    keeps it. Early stopping ends a run without SWA; with SWA, when it fires before the
+    SWA phase, that phase begins at once and runs its planned length, and once averaging
+    has begun nothing stops it early (:func:`bring_swa_forward`). Under torchrun,
+    ``cfg.train.batch_size`` is the global batch.
 
     Returns:
         A :class:`TrainResult`; ``model`` holds the chosen weights, in eval mode.
@@ -111,14 +145,13 @@ def fit(model: nn.Module, train_set: Dataset, val_set: Dataset, cfg: RunConfig,
     Raises:
         ConfigError: empty or too small datasets, a batch size the number of processes
             does not divide, labels that do not match the model, an ``out_dir`` holding
-            another run, a diverged loss, or a distributed rendezvous that failed.
+            another run, a cosine run without SWA resumed with more epochs, a diverged
+            loss, or a distributed rendezvous that failed.
     """
     run = _prepare(model, train_set, val_set, cfg, Path(out_dir), label_names, resume, overwrite)
     try:
-        for epoch in range(run.progress.epoch + 1, cfg.train.epochs + 1):
-            if run.progress.since_best >= run.patience:
-                break  # a resumed run that had already stopped early
-            _run_epoch(run, epoch)
+        while not _over(run):
+            _run_epoch(run, run.progress.epoch + 1)
     finally:
         if run.writer is not None:
             run.writer.close()
@@ -139,20 +172,18 @@ class _Run:
     optimizer: torch.optim.Optimizer
     schedule: LRSchedule
     swa_model: AveragedModel | None
-    swa_start: int | None
     mixup: MixUp | None
     generators: list[torch.Generator]
     train_set: Dataset
     val_loader: DataLoader
-    progress: Progress
-    patience: int
+    progress: Progress  # with progress.plan: the SWA start, the end, the patiences
     writer: Any
 
 
 def _prepare(model, train_set, val_set, cfg: RunConfig, out_dir: Path, label_names, resume: bool,
              overwrite: bool) -> _Run:
-    """Join the process group, claim out_dir, place and normalize the model, build the
-    optimizer, schedule and SWA average, and restore a resume point."""
+    """Join the process group, claim out_dir, place and normalize the model, and set up the
+    plan, optimizer, schedule and SWA average, from the resume point when there is one."""
     tc = cfg.train
     device = resolve_device(tc.device)
     info = init_distributed(device)
@@ -161,6 +192,7 @@ def _prepare(model, train_set, val_set, cfg: RunConfig, out_dir: Path, label_nam
     identity = {"config": cfg.to_dict(), "label_names": list(label_names),
                 "n_train": len(train_set), "n_val": len(val_set)}
     state = open_run(out_dir, resume, overwrite, identity, device, info.is_main)
+    progress = _progress(state, tc)
 
     generators = [torch.Generator() for _ in range(4)]  # MixUp, SpecAugment, time shift, freq shift
     seed_epoch(tc.seed, info.rank, 0, generators)
@@ -176,29 +208,56 @@ def _prepare(model, train_set, val_set, cfg: RunConfig, out_dir: Path, label_nam
         model.backbone.compile()  # in place: the state dict keeps its keys
 
     optimizer = build_optimizer(model, tc)
-    schedule = LRSchedule(optimizer, tc, steps_per_epoch(len(train_set), rt), verbose=info.is_main)
-    progress = Progress()
+    schedule = LRSchedule(optimizer, tc, steps_per_epoch(len(train_set), rt), verbose=info.is_main,
+                          epochs=progress.plan.budget, plateau_patience=progress.plan.plateau_patience)
     if state is not None:
-        progress = restore_resume_point(state, model, optimizer, schedule, rt.scaler)
-    swa_start = tc.resolved_swa_start()
-    swa_model = AveragedModel(model) if swa_start is not None else None  # after the restore: it copies
+        restore_resume_point(state, model, optimizer, schedule, rt.scaler)
+    # AveragedModel copies the model: after the restore
+    swa_model = AveragedModel(model) if progress.plan.swa_start is not None else None
     if swa_model is not None and state is not None and state["swa"] is not None:
         swa_model.load_state_dict(state["swa"])
     return _Run(cfg, rt, out_dir, identity, list(label_names), model, wrap_ddp(model, rt), optimizer,
-                schedule, swa_model, swa_start, mixup, generators, train_set, eval_loader(val_set, rt),
-                progress, tc.resolved_early_stopping_patience(),
+                schedule, swa_model, mixup, generators, train_set, eval_loader(val_set, rt), progress,
                 tensorboard_writer(out_dir) if info.is_main else None)
 
 
+def _progress(state: dict | None, tc: TrainConfig) -> Progress:
+    """A new run's plan, resolved from ``tc``; or the resumed run's progress, with its own plan.
+
+    Raises:
+        ConfigError: a cosine run without SWA resumed with more epochs than it was planned
+            for (its learning rate has annealed to zero: the extra epochs would not train).
+    """
+    if state is None:
+        return Progress(plan=RunPlan.from_config(tc))
+    progress = restore_progress(state)
+    plan = progress.plan
+    if tc.early_stopping_patience is not None:
+        plan.stop_patience = tc.early_stopping_patience  # given explicitly now: it applies
+        bring_swa_forward(progress, progress.epoch)  # a shorter one may already have run out
+    if tc.scheduler == "cosine" and plan.swa_start is None and tc.epochs > plan.budget:
+        raise ConfigError(f"epochs {tc.epochs}: this run's cosine schedule was planned for "
+                          f"{plan.budget} epochs and anneals the learning rate to 0 there, so more "
+                          "epochs would not train; start a new run (--overwrite) with the budget "
+                          "you want, or use the plateau scheduler or SWA")
+    return progress
+
+
+def _over(run: _Run) -> bool:
+    """The run's last epoch is done, or early stopping ended it (a resumed run may be over already)."""
+    progress = run.progress
+    return progress.epoch >= progress.plan.last_epoch(run.cfg.train.epochs) or early_stopping(progress)
+
+
 def _run_epoch(run: _Run, epoch: int) -> None:
-    """Train, average, validate, schedule, select, and leave a resume point."""
-    tc, rt, progress = run.cfg.train, run.rt, run.progress
+    """Train, average, validate, schedule, select, plan, and leave a resume point."""
+    tc, rt, progress, plan = run.cfg.train, run.rt, run.progress, run.progress.plan
     seed_epoch(tc.seed, rt.dist.rank, epoch, run.generators)
-    averaging = run.swa_model is not None and epoch >= run.swa_start
+    averaging = plan.swa_start is not None and epoch >= plan.swa_start
     run.schedule.begin_epoch(averaging)
     started, lr = time.perf_counter(), run.schedule.lr
     loader = train_loader(run.train_set, rt, tc.seed, epoch)
-    bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{tc.epochs}", unit="batch",
+    bar = tqdm(total=len(loader), desc=f"epoch {epoch}/{plan.last_epoch(tc.epochs)}", unit="batch",
                disable=not rt.dist.is_main, leave=True, dynamic_ncols=True)
     train_loss = train_one_epoch(run.train_model, loader, run.optimizer, run.schedule, run.mixup, rt, bar)
     if not math.isfinite(train_loss):
@@ -210,6 +269,8 @@ def _run_epoch(run: _Run, epoch: int) -> None:
     val = evaluate(run.model, run.val_loader, rt)
     run.schedule.after_epoch(val["accuracy"], averaging)
     improved = keep_best(progress, epoch, val, run.model)
+    planned_swa = plan.swa_start
+    brought_forward = bring_swa_forward(progress, epoch)  # before the resume point: it keeps the plan
     bar.set_postfix(loss=f"{train_loss:.3f}", val_acc=f"{val['accuracy']:.3f}",
                     best=f"{progress.best_metric:.3f}")
     bar.close()
@@ -223,9 +284,13 @@ def _run_epoch(run: _Run, epoch: int) -> None:
                           run.schedule, run.swa_model, rt.scaler)
         write_metrics_csv(run.out_dir / "metrics.csv", progress.history)
         _log_scalars(run.writer, progress.history[-1])
-    if progress.since_best >= run.patience and rt.dist.is_main:
-        logger.info("early stopping after epoch %d: no improvement for %d epochs (best %.4f at "
-                    "epoch %d)", epoch, run.patience, progress.best_metric, progress.best_epoch)
+        if brought_forward:
+            logger.info("no improvement for %d epochs: SWA begins at epoch %d instead of %d and "
+                        "averages epochs %d-%d", plan.stop_patience, plan.swa_start, planned_swa,
+                        plan.swa_start, plan.last_epoch(tc.epochs))
+        elif early_stopping(progress):
+            logger.info("early stopping after epoch %d: no improvement for %d epochs (best %.4f at "
+                        "epoch %d)", epoch, plan.stop_patience, progress.best_metric, progress.best_epoch)
 
 
 # --- the steps -------------------------------------------------------------------------
@@ -304,15 +369,39 @@ def keep_best(progress: Progress, epoch: int, val: dict[str, float], model: nn.M
     return True
 
 
+def bring_swa_forward(progress: Progress, epoch: int) -> bool:
+    """Begin the SWA phase after ``epoch`` when early stopping would otherwise end the run first.
+
+    When ``plan.stop_patience`` epochs in a row brought no improvement and averaging is
+    planned to begin later than the next epoch, the planned SWA start and the run's last
+    epoch move earlier by the same number of epochs: SWA begins at the next epoch and
+    averages as many epochs as planned. Returns whether the plan moved.
+    """
+    plan = progress.plan
+    if plan.swa_start is None or progress.since_best < plan.stop_patience or plan.swa_start <= epoch + 1:
+        return False
+    shift = plan.swa_start - (epoch + 1)
+    plan.swa_start -= shift
+    plan.end_epoch -= shift
+    return True
+
+
+def early_stopping(progress: Progress) -> bool:
+    """Whether the run ends now: ``plan.stop_patience`` epochs in a row without improvement,
+    and no SWA planned (with SWA, :func:`bring_swa_forward` applies instead)."""
+    return progress.plan.swa_start is None and progress.since_best >= progress.plan.stop_patience
+
+
 @torch.no_grad()
 def update_bn_stats(model: nn.Module, loader: DataLoader, rt: Runtime) -> None:
     """Recompute BatchNorm running statistics with one pass over ``loader``.
 
     Unlike ``torch.optim.swa_utils.update_bn`` this runs the model's own forward (the
-    front end included) with the BatchNorms in training mode but the augmentations
-    (time shift, SpecAugment) in eval mode, so the statistics describe the inputs the
-    model will see at test time. Each BatchNorm averages the batch statistics with equal
-    weight (momentum None); under DDP the ranks' averages are averaged.
+    front end included) in eval mode with only the BatchNorms in training mode: dropout,
+    drop-path and the augmentations (time shift, SpecAugment) are off, so the statistics
+    describe the activations the model will see at test time. Each BatchNorm averages the
+    batch statistics with equal weight (momentum None); under DDP the ranks' averages are
+    averaged.
     """
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     if not norms:
@@ -322,9 +411,9 @@ def update_bn_stats(model: nn.Module, loader: DataLoader, rt: Runtime) -> None:
         bn.reset_running_stats()
         momenta[bn] = bn.momentum
         bn.momentum = None
-    model.train()
-    for module in model.augmentations():
-        module.eval()
+    model.eval()
+    for bn in norms:
+        bn.train()
     for x, _ in loader:
         with rt.autocast():
             model(x.to(rt.device, non_blocking=True))
@@ -357,16 +446,17 @@ def fit_normalization(model: nn.Module, dataset: Dataset, rt: Runtime) -> None:
 
 
 def predict_proba(model: nn.Module, dataset: Dataset, batch_size: int = 64,
-                  device: str | torch.device = "cpu") -> np.ndarray:
+                  device: str | torch.device = "cpu", amp: bool = True) -> np.ndarray:
     """Class probabilities (N, K) float32 for every item of ``dataset``, in eval mode.
 
     Items are (waveform (N,), label) pairs or bare waveforms. ``model`` is moved to
-    ``device``. Under torchrun the clips are shared among the ranks and every rank
-    returns the full array.
+    ``device``. On CUDA ``amp`` scores under bf16 autocast (pass the run's
+    ``TrainConfig.amp``); elsewhere it has no effect. Under torchrun the clips are shared
+    among the ranks and every rank returns the full array.
     """
     device = torch.device(device)
     model.to(device)
-    rt = inference_runtime(device, current_info(), batch_size)
+    rt = inference_runtime(device, current_info(), batch_size, amp=amp)
     logits, _ = _predict_logits(model, eval_loader(dataset, rt), rt)
     return torch.softmax(logits, dim=1).cpu().numpy().astype(np.float32)
 
@@ -398,33 +488,84 @@ def _better(a: dict[str, float], b: dict[str, float]) -> bool:
 
 
 def _finish(run: _Run) -> TrainResult:
-    """Validate the SWA model, keep whichever of it and the best epoch is better, save it."""
-    progress, rt, swa_model = run.progress, run.rt, run.swa_model
-    swa_val = None
-    if swa_model is not None and int(swa_model.n_averaged) > 0:
-        bn_loader = train_loader(run.train_set, rt, run.cfg.train.seed, progress.epoch, shuffle=False)
-        update_bn_stats(swa_model.module, bn_loader, rt)
-        swa_val = evaluate(swa_model.module, run.val_loader, rt)
-        log = logger.info if rt.dist.is_main else logger.debug
-        log("SWA over %d epochs: validation accuracy %.4f (best epoch %d: %.4f)",
-            int(swa_model.n_averaged), swa_val["accuracy"], progress.best_epoch, progress.best_metric)
+    """Score the SWA average and save the better of it and the best epoch, unless the model
+    an earlier finish of this run saved validates at least as well (then keep that one)."""
+    progress, rt = run.progress, run.rt
+    swa_val = _score_swa(run)  # leaves the SWA average in run.model
     best = {"accuracy": progress.best_metric, "loss": progress.best_loss}
     chosen = "swa" if swa_val is not None and _better(swa_val, best) else "best"
-    run.model.load_state_dict(swa_model.module.state_dict() if chosen == "swa" else progress.best_state)
+    if chosen == "best":
+        run.model.load_state_dict(progress.best_state)
+    summary = _summary(run, swa_val, chosen)
+    saved = run.out_dir / "model.safetensors"
+    earlier = progress.saved if saved.is_file() else None
+    if earlier is not None and not _better(_score(summary), _score(earlier)):
+        summary = _keep_saved(run, summary)
+    else:
+        progress.saved = summary
+        if rt.dist.is_main:
+            save_checkpoint(run.model, run.out_dir / "model", run.cfg, run.label_names,
+                            extra={"training": summary})
+            record_saved_model(run.out_dir / STATE_FILE, summary)
     run.model.eval()
-    summary = {"metric": "val_accuracy", "best_metric": progress.best_metric,
-               "best_val_loss": progress.best_loss, "best_epoch": progress.best_epoch,
-               "swa_metric": swa_val["accuracy"] if swa_val else None,
-               "swa_val_loss": swa_val["loss"] if swa_val else None,
-               "swa_epochs": int(swa_model.n_averaged) if swa_model is not None else 0,
-               "chosen": chosen, "epochs_run": progress.epoch, "world_size": rt.dist.world_size}
-    if rt.dist.is_main:
-        save_checkpoint(run.model, run.out_dir / "model", run.cfg, run.label_names,
-                        extra={"training": summary})
     barrier()
-    return TrainResult(best_metric=progress.best_metric, best_epoch=progress.best_epoch,
-                       swa_metric=summary["swa_metric"], chosen=chosen, history=progress.history,
-                       model_path=run.out_dir / "model.safetensors")
+    return TrainResult(best_metric=summary["best_metric"], best_epoch=summary["best_epoch"],
+                       swa_metric=summary["swa_metric"], chosen=summary["chosen"],
+                       history=progress.history, model_path=saved)
+
+
+def _score_swa(run: _Run) -> dict[str, float] | None:
+    """Validation scores of the SWA average, its BatchNorm statistics recomputed on the
+    training clips; the average is left in ``run.model``. None when nothing was averaged.
+
+    (The average is scored in the model itself rather than in the AveragedModel's copy,
+    whose compiled backbone would still run the original's weights.)
+    """
+    swa_model, progress, rt = run.swa_model, run.progress, run.rt
+    if swa_model is None or int(swa_model.n_averaged) == 0:
+        return None
+    run.model.load_state_dict(swa_model.module.state_dict())
+    update_bn_stats(run.model, train_loader(run.train_set, rt, run.cfg.train.seed, progress.epoch,
+                                            shuffle=False), rt)
+    val = evaluate(run.model, run.val_loader, rt)
+    if rt.dist.is_main:
+        logger.info("SWA over %d epochs from epoch %d: validation accuracy %.4f (best epoch %d: %.4f)",
+                    int(swa_model.n_averaged), progress.plan.swa_start, val["accuracy"],
+                    progress.best_epoch, progress.best_metric)
+    return val
+
+
+def _summary(run: _Run, swa_val: dict[str, float] | None, chosen: str) -> dict[str, Any]:
+    """The training summary saved in model.json (and in the resume point, as ``saved``)."""
+    progress, swa_model = run.progress, run.swa_model
+    swa_epochs = int(swa_model.n_averaged) if swa_model is not None else 0
+    return {"metric": "val_accuracy", "best_metric": progress.best_metric,
+            "best_val_loss": progress.best_loss, "best_epoch": progress.best_epoch,
+            "swa_metric": swa_val["accuracy"] if swa_val else None,
+            "swa_val_loss": swa_val["loss"] if swa_val else None,
+            "swa_start": progress.plan.swa_start if swa_epochs else None, "swa_epochs": swa_epochs,
+            "chosen": chosen, "epochs_run": progress.epoch, "world_size": run.rt.dist.world_size}
+
+
+def _score(summary: dict[str, Any]) -> dict[str, float]:
+    """Validation accuracy and loss of the model a summary chose."""
+    if summary["chosen"] == "swa":
+        return {"accuracy": summary["swa_metric"], "loss": summary["swa_val_loss"]}
+    return {"accuracy": summary["best_metric"], "loss": summary["best_val_loss"]}
+
+
+def _keep_saved(run: _Run, candidate: dict[str, Any]) -> dict[str, Any]:
+    """Load the model saved before back into ``run.model``; returns its summary."""
+    from safetensors.torch import load_file
+
+    saved = run.progress.saved
+    run.model.load_state_dict(load_file(str(run.out_dir / "model.safetensors")))
+    if run.rt.dist.is_main:
+        old, new = _score(saved), _score(candidate)
+        logger.info("kept the model saved before (%s, validation accuracy %.4f, loss %.4f): this "
+                    "run's choice (%s, %.4f, loss %.4f) does not beat it", saved["chosen"],
+                    old["accuracy"], old["loss"], candidate["chosen"], new["accuracy"], new["loss"])
+    return saved
 
 
 def _check_inputs(model, train_set, val_set, label_names, info: DistInfo) -> None:

@@ -145,3 +145,20 @@ def test_state_errors(tmp_path):
     with pytest.raises(TypeError, match="cannot store set at '/bad'"):
         save_state(tmp_path / "s.safetensors", {"bad": {1, 2}})
     assert not list(tmp_path.iterdir())  # the failed write left nothing behind
+
+
+def test_resume_states_of_version_1_get_the_plan_their_config_resolves_to():
+    from audioclf.config import TrainConfig
+    from audioclf.errors import ConfigError
+    from audioclf.rundir import RunPlan, restore_progress
+
+    cfg = CFG.replace(train={"epochs": 20, "swa_start": 0.7})
+    weights = {"w": torch.zeros(1)}
+    old = {"version": 1, "run": {"config": cfg.to_dict()}, "epoch": 3, "history": [], "best_metric": 0.5,
+           "best_loss": 1.0, "best_epoch": 2, "since_best": 1, "best_weights": None, "model": weights}
+    progress = restore_progress(old)
+    assert progress.plan == RunPlan.from_config(TrainConfig(epochs=20, swa_start=0.7))
+    assert (progress.plan.swa_start, progress.plan.end_epoch, progress.saved) == (15, 20, None)
+    assert progress.best_state is weights
+    with pytest.raises(ConfigError, match="resume state version 9 is not one this audioclf reads"):
+        restore_progress({**old, "version": 9})

@@ -16,8 +16,9 @@ from audioclf.distributed import DistInfo
 from audioclf.errors import ConfigError
 from audioclf.model import build_model
 from audioclf.optim import LRSchedule, build_optimizer, warmup_cosine
-from audioclf.runtime import make_runtime
-from audioclf.train import fit, predict_proba
+from audioclf.rundir import Progress, RunPlan, check_out_dir, check_same_run, claim_out_dir
+from audioclf.runtime import inference_runtime, make_runtime
+from audioclf.train import bring_swa_forward, early_stopping, fit, predict_proba, update_bn_stats
 
 sys.path.insert(0, str(Path(__file__).parent))
 from synth import tone  # noqa: E402
@@ -90,23 +91,20 @@ def test_overfits_a_small_batch(tmp_path):
 
 
 def test_modes_during_fit_train_eval_and_bn_update(tmp_path):
-    """train() for steps (with gradients), eval() for validation (none), BN update: BN in
-    train mode but augmentation off and no gradients. (The SWA copy inherits the hooks.)"""
-    cfg = config(epochs=2, swa_start=1, batch_size=8)
+    """train() for steps (with gradients), eval() for validation (none); the SWA BatchNorm
+    update: only the BatchNorms in train mode (dropout and augmentation off), no gradients."""
+    cfg = config(epochs=2, swa_start=1, batch_size=8)  # drop_rate 0.1 before the classifier
     model = build_model(cfg, len(LABELS))
     calls, augmenting = [], []
     model.specaugment.register_forward_pre_hook(lambda m, inp: augmenting.append(m.training))
-    model.backbone.register_forward_pre_hook(
-        lambda m, inp: calls.append((m.training, torch.is_grad_enabled(), augmenting[-1])))
+    model.backbone.register_forward_pre_hook(  # timm's head dropout follows the backbone's mode
+        lambda m, inp: calls.append((m.training, torch.is_grad_enabled(), augmenting[-1], m.bn1.training)))
     fit(model, Tones(6, 1), Tones(3, 2), cfg, tmp_path, label_names=LABELS)
-    steps = [c for c in calls if c[0] and c[1]]
-    validation = [c for c in calls if not c[0]]
-    bn_update = [c for c in calls if c[0] and not c[1]]
-    assert len(steps) == 2 * 2 and all(c[2] for c in steps)  # 18 clips: 2 batches of 8 per epoch
-    assert len(validation) == 2 * 2 + 2  # 9 clips in batches of 8, each epoch and for SWA
-    assert not any(c[1] or c[2] for c in validation)
-    assert len(bn_update) == 2 and not any(c[2] for c in bn_update)  # SpecAugment off
-    assert len(calls) == len(steps) + len(validation) + len(bn_update)
+    step, validation, bn_update = (True, True, True, True), (False,) * 4, (False, False, False, True)
+    assert calls.count(step) == 2 * 2  # 18 clips: 2 batches of 8 per epoch
+    assert calls.count(validation) == 2 * 2 + 2  # 9 clips in batches of 8, each epoch and for SWA
+    assert calls.count(bn_update) == 2
+    assert len(calls) == 2 * 2 + 2 * 2 + 2 + 2
 
 
 def test_plateau_halves_the_lr_after_patience_epochs_without_improvement():
@@ -169,8 +167,12 @@ def test_early_stopping_restores_the_best_weights(tmp_path):
     probs = predict_proba(model, val, batch_size=5)
     targets = np.array([y for _, y in val.items])
     assert (probs.argmax(1) == targets).mean() == pytest.approx(result.best_metric)
-    assert history[-1]["val_accuracy"] != result.best_metric or history[-1]["val_loss"] > min(
-        r["val_loss"] for r in history if r["val_accuracy"] == result.best_metric) - 1e-12
+    # the weights are the best epoch's (its validation loss, its saved copy), not the last epoch's
+    loss = -np.log(probs[np.arange(len(targets)), targets]).mean()
+    assert loss == pytest.approx(history[result.best_epoch - 1]["val_loss"], rel=1e-4)
+    state = load_state(tmp_path / "state.safetensors")
+    assert all(torch.equal(v, state["best_weights"][k]) for k, v in model.state_dict().items())
+    assert not all(torch.equal(v, state["model"][k]) for k, v in model.state_dict().items())
     saved, meta = load_checkpoint(result.model_path)
     assert meta["extra"]["training"]["best_epoch"] == result.best_epoch
 
@@ -187,6 +189,54 @@ def test_swa_average_is_the_mean_of_the_epoch_weights(tmp_path):
     assert params and not torch.equal(w1[params[0]], w2[params[0]])
     for k in params:
         torch.testing.assert_close(swa[f"module.{k}"], (w1[k] + w2[k]) / 2, rtol=1e-6, atol=1e-7)
+
+
+def test_early_stopping_brings_swa_forward_for_its_planned_length():
+    plan = RunPlan(budget=20, end_epoch=20, swa_start=15, plateau_patience=2, stop_patience=6)
+    progress = Progress(plan=plan, since_best=5)
+    assert not bring_swa_forward(progress, 10) and plan.swa_start == 15  # patience not yet spent
+    progress.since_best = 6
+    assert bring_swa_forward(progress, 11) and (plan.swa_start, plan.end_epoch) == (12, 17)
+    assert plan.swa_epochs == 6 and plan.last_epoch(20) == 17 and plan.last_epoch(25) == 22
+    assert not early_stopping(progress)  # with SWA the run goes on, and SWA is never cut short
+    progress.since_best = 9
+    assert not bring_swa_forward(progress, 13) and (plan.swa_start, plan.end_epoch) == (12, 17)
+    no_swa = Progress(plan=RunPlan(budget=20, end_epoch=20, swa_start=None, plateau_patience=2,
+                                   stop_patience=6), since_best=6)
+    assert not bring_swa_forward(no_swa, 11) and early_stopping(no_swa)
+
+
+def test_a_run_that_stalls_early_still_averages_the_planned_swa_epochs(tmp_path):
+    val = Tones(4, 2, shuffle_labels=True)  # unlearnable: the score stalls within a few epochs
+    cfg = config(epochs=12, swa_start=10, early_stopping_patience=2, plateau_patience=20)  # SWA: 3 epochs
+    _, result = run(cfg, tmp_path, val=val)
+    improved = [row["improved"] for row in result.history]
+    stall = next(e for e in range(2, 13) if not improved[e - 2] and not improved[e - 1])
+    assert stall < 9  # early stopping fired well before the planned SWA start (epoch 10)
+    assert [row["epoch"] for row in result.history if row["swa"]] == [stall + 1, stall + 2, stall + 3]
+    assert len(result.history) == stall + 3 and result.swa_metric is not None
+    state = load_state(tmp_path / "state.safetensors")
+    assert int(state["swa"]["n_averaged"]) == 3 and state["plan"]["swa_start"] == stall + 1
+    assert json_of(tmp_path)["extra"]["training"]["swa_start"] == stall + 1
+
+
+def test_bn_update_runs_with_dropout_off(tmp_path):
+    """The SWA statistics describe test-time activations: dropout before a BatchNorm is off."""
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Dropout(0.5), torch.nn.BatchNorm1d(4))
+    x = torch.randn(16, 3)
+    update_bn_stats(net, [(x, None)], make_runtime(TrainConfig(device="cpu"), torch.device("cpu"), DistInfo()))
+    with torch.no_grad():
+        h = net[0](x)  # (16, 4): what the BatchNorm sees without dropout
+    torch.testing.assert_close(net[2].running_mean, h.mean(0))
+    torch.testing.assert_close(net[2].running_var, h.var(0))
+    assert not net.training and not net[2].training
+
+
+def json_of(out):
+    import json
+
+    return json.loads((out / "model.json").read_text())
 
 
 # --- resume ----------------------------------------------------------------------------
@@ -237,6 +287,43 @@ def test_resume_after_a_kill_mid_epoch_matches_an_uninterrupted_run(tmp_path, un
     same_run(tmp_path, result, uninterrupted)
 
 
+def test_resume_with_more_epochs_keeps_the_plan_of_the_first_start(tmp_path):
+    """swa_start 0.5 of 2 epochs is epoch 2, of 7 epochs it would be 5: the run keeps 2, so
+    SWA averages every epoch from 2 on (no gap in which the plateau schedule acts)."""
+    cfg = config(epochs=2, swa_start=0.5, plateau_patience=1)
+    run(cfg, tmp_path)
+    _, result = run(cfg.replace(train={"epochs": 7}), tmp_path, resume=True)
+    assert [row["swa"] for row in result.history] == [False] + [True] * 6
+    state = load_state(tmp_path / "state.safetensors")
+    assert int(state["swa"]["n_averaged"]) == 6
+    assert state["plan"] == {"budget": 2, "end_epoch": 2, "swa_start": 2, "plateau_patience": 1,
+                             "stop_patience": 5}
+
+
+def test_a_cosine_run_without_swa_is_not_extended(tmp_path):
+    cfg = config(epochs=1, scheduler="cosine")
+    run(cfg, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    with pytest.raises(ConfigError, match="cosine schedule was planned for 1 epochs .* start a new run"):
+        run(cfg.replace(train={"epochs": 2}), tmp_path, resume=True)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before
+
+
+def test_extending_a_finished_swa_run_never_saves_a_worse_model(tmp_path, monkeypatch):
+    import audioclf.train as train
+
+    cfg = config(epochs=3, swa_start=2)
+    _, first = run(cfg, tmp_path)
+    assert first.chosen == "swa" and first.swa_metric > first.best_metric  # the SWA model was saved
+    saved = {name: (tmp_path / name).read_bytes() for name in ("model.safetensors", "model.json")}
+    # the extra epochs, and the longer average, all validate worse than the saved SWA model
+    monkeypatch.setattr(train, "evaluate", lambda *args: {"accuracy": 0.0, "loss": 9.0})
+    _, longer = run(cfg.replace(train={"epochs": 5}), tmp_path, resume=True)
+    assert len(longer.history) == 5 and int(load_state(tmp_path / "state.safetensors")["swa"]["n_averaged"]) == 4
+    assert {name: (tmp_path / name).read_bytes() for name in saved} == saved
+    assert (longer.chosen, longer.swa_metric, longer.best_metric) == ("swa", first.swa_metric, first.best_metric)
+
+
 # --- bad input -------------------------------------------------------------------------
 
 
@@ -248,6 +335,37 @@ def test_a_folder_holding_a_run_is_refused_and_left_alone(tmp_path, uninterrupte
     with pytest.raises(ConfigError, match=r"cannot resume a different run: train.lr: 0.003 in the saved run, 0.01 now"):
         run(RESUME_CFG.replace(train={"lr": 1e-2}), out, resume=True)
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+
+
+def test_a_cross_validation_folder_is_refused_unless_overwrite(tmp_path):
+    (tmp_path / "folds.csv").write_text("path,label,group,fold\n")
+    (tmp_path / "fold-0").mkdir()
+    (tmp_path / "fold-0" / "fold.json").write_text("{}")
+    (tmp_path / "bundle").mkdir()
+    with pytest.raises(ConfigError, match=r"already holds a run \(bundle, fold-0, folds.csv\)"):
+        check_out_dir(tmp_path, resume=False, overwrite=False)
+    with pytest.raises(ConfigError, match="without a resume state"):
+        check_out_dir(tmp_path, resume=True, overwrite=False)
+    claim_out_dir(tmp_path, resume=False, overwrite=True)
+    assert not any(tmp_path.iterdir())
+
+
+def test_resume_accepts_a_run_saved_before_a_config_field_existed(tmp_path):
+    import copy
+
+    current = {"config": config().to_dict(), "label_names": LABELS, "n_train": 18, "n_val": 9}
+    older = copy.deepcopy(current)
+    del older["config"]["augment"]["freq_shift"]  # saved before freq_shift existed: its default
+    check_same_run(older, current, tmp_path / "state.safetensors")
+    changed = copy.deepcopy(current)
+    changed["config"]["augment"]["freq_shift"] = 3
+    with pytest.raises(ConfigError, match="augment.freq_shift: 0 in the saved run, 3 now"):
+        check_same_run(older, changed, tmp_path / "state.safetensors")
+
+
+def test_scoring_follows_the_amp_setting():
+    assert inference_runtime(torch.device("cuda"), DistInfo(), 4, amp=False).amp_dtype is None
+    assert inference_runtime(torch.device("cpu"), DistInfo(), 4).amp_dtype is None
 
 
 def test_overwrite_replaces_a_run(tmp_path):
@@ -377,12 +495,35 @@ def test_cli_bad_splits_fail_in_one_line(tmp_path, capsys, rows, extra, message)
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("extra, message", [
+    (["--backbone", "resnet_18"], "unknown backbone 'resnet_18'"),
+    (["--pretrained", "PATH"], "nope.pth: pretrained weights file not found"),
+])
+def test_cli_model_errors_come_before_any_audio_is_decoded(tmp_path, tone_manifest, capsys, extra, message):
+    from audioclf.cli import main
+
+    extra = [str(tmp_path / "nope.pth") if a == "PATH" else a for a in extra]
+    code = main(["train", "--manifest", str(tone_manifest), "--out", str(tmp_path / "run"),
+                 "--cache-dir", str(tmp_path / "cache"), *CLI_OPTIONS, *extra])
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
 @pytest.mark.cuda
 def test_cuda_run_uses_channels_last_and_saves_a_cpu_loadable_model(tmp_path):
     cfg = config(epochs=2, swa_start=2, device="cuda")
-    model, result = run(cfg, tmp_path)
+    model = build_model(cfg, len(LABELS))
+    autocast = []  # (training, autocast on, its dtype) at every backbone call
+    model.backbone.register_forward_pre_hook(lambda m, inp: autocast.append(
+        (m.training, torch.is_autocast_enabled("cuda"), torch.get_autocast_dtype("cuda"))))
+    result = fit(model, Tones(6, 1), Tones(3, 2), cfg, tmp_path, label_names=LABELS)
     assert next(model.parameters()).is_cuda and len(result.history) == 2
     assert model.backbone.conv1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert {a[0] for a in autocast} == {True, False} and all(a[1:] == (True, dtype) for a in autocast)
+    autocast.clear()
+    predict_proba(model, Tones(1, 3), batch_size=4, device="cuda", amp=False)  # a --no-amp run
+    assert autocast and not any(on for _, on, _ in autocast)
     loaded, _ = load_checkpoint(tmp_path)
     x = torch.stack([w for w, _ in Tones(1, 3).items])
     with torch.no_grad():
