@@ -1,6 +1,7 @@
 """DistributedDataParallel on CPU (gloo): two processes against one, sharded evaluation, bad launches."""
 
 import json
+import math
 import os
 import socket
 import sys
@@ -10,9 +11,10 @@ import numpy as np
 import pytest
 import torch
 
-from audioclf.config import AugmentConfig
-from audioclf.distributed import ShardSampler, env_info, init_distributed
+from audioclf.config import AugmentConfig, TrainConfig
+from audioclf.distributed import DistInfo, ShardSampler, env_info, init_distributed
 from audioclf.errors import ConfigError
+from audioclf.runtime import make_runtime, seed_epoch
 
 sys.path.insert(0, str(Path(__file__).parent))
 from test_train import LABELS, Tones, config  # noqa: E402
@@ -66,6 +68,40 @@ def test_missing_rendezvous_is_a_clear_error_not_a_hang(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
+def test_each_rank_draws_its_own_random_streams():
+    """MixUp, SpecAugment, time and frequency shift and dropout draw per (seed, rank, epoch):
+    the same triple replays the same draws, another rank or epoch gets other draws."""
+
+    def draws(seed, rank, epoch):
+        generators = [torch.Generator() for _ in range(4)]
+        seed_epoch(seed, rank, epoch, generators)
+        return [torch.rand(4, generator=g) for g in generators] + [torch.rand(4)]  # + dropout's
+
+    first = draws(0, 0, 1)
+    assert all(torch.equal(a, b) for a, b in zip(first, draws(0, 0, 1)))
+    for other in (draws(0, 1, 1), draws(0, 0, 2), draws(1, 0, 1)):
+        assert not any(torch.equal(a, b) for a, b in zip(first, other))
+    assert len({tuple(d.tolist()) for d in first}) == len(first)  # and the streams differ from each other
+
+
+BN_CLIPS = torch.randn(8, 3, generator=torch.Generator().manual_seed(5))  # 8 "clips" of 3 features
+
+
+def bn_net():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(3, 5), torch.nn.BatchNorm1d(5))
+
+
+def bn_update(batches, info):
+    """The SWA BatchNorm update of :func:`bn_net` over ``batches`` (a list of (B, 3) tensors)."""
+    from audioclf.train import update_bn_stats
+
+    net = bn_net()
+    rt = make_runtime(TrainConfig(device="cpu", batch_size=8), torch.device("cpu"), info)
+    update_bn_stats(net, [(x, None) for x in batches], rt)
+    return net[1].running_mean.tolist(), net[1].running_var.tolist()
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -93,17 +129,30 @@ def _worker(rank: int, world: int, port: int, out: str, report_dir: str) -> None
         result = fit(model, Tones(*TRAIN), Tones(*VAL), DDP_CFG, out, label_names=LABELS)
         report["history"] = result.history
         report["result"] = [result.best_metric, result.best_epoch, result.swa_metric, result.chosen]
-        report["checksum"] = sum(float(v.double().sum()) for v in model.state_dict().values())
+        report["checksum"] = checksum(model)
         report["proba"] = predict_proba(model, Tones(*VAL), batch_size=4).tolist()
         if rank == 0:
             save_checkpoint(model, Path(report_dir, "first"), DDP_CFG, LABELS)
         longer = DDP_CFG.replace(train={"epochs": 7})
-        resumed = fit(build_model(longer, 3), Tones(*TRAIN), Tones(*VAL), longer, out,
-                      label_names=LABELS, resume=True)
+        model = build_model(longer, 3)
+        resumed = fit(model, Tones(*TRAIN), Tones(*VAL), longer, out, label_names=LABELS, resume=True)
         report["resumed_history"] = resumed.history
+        report["resumed_checksum"] = checksum(model)
+        # one epoch with MixUp, SpecAugment and dropout on: MixUp reaches the model through DDP
+        augmented = config(epochs=1, batch_size=8, swa_start=None)
+        model = build_model(augmented, 3)
+        result = fit(model, Tones(*TRAIN), Tones(*VAL), augmented, Path(out).parent / "augmented",
+                     label_names=LABELS)
+        report["augmented"] = {"history": result.history, "checksum": checksum(model)}
+        from audioclf.distributed import current_info
+        report["bn_update"] = bn_update([BN_CLIPS[4 * rank:4 * rank + 4]], current_info())  # 4 clips each
     finally:
         destroy_distributed()
     Path(report_dir, f"rank{rank}.json").write_text(json.dumps(report))
+
+
+def checksum(model) -> float:
+    return sum(float(v.double().sum()) for v in model.state_dict().values())
 
 
 @pytest.fixture(scope="module")
@@ -128,15 +177,37 @@ def one_process(tmp_path_factory):
     return result, predict_proba(model, Tones(*VAL), batch_size=4)
 
 
+def without_seconds(history):
+    return [{k: v for k, v in row.items() if k != "seconds"} for row in history]
+
+
 def test_ranks_take_identical_decisions_and_hold_identical_models(two_processes):
     _, (r0, r1), _ = two_processes
-    for key in ("history", "result", "checksum", "proba", "resumed_history"):
-        if key == "history":
-            strip = [[{k: v for k, v in row.items() if k != "seconds"} for row in r["history"]] for r in (r0, r1)]
-            assert strip[0] == strip[1]
-        elif key != "resumed_history":
-            assert r0[key] == r1[key], key
+    for key in ("history", "resumed_history"):
+        assert without_seconds(r0[key]) == without_seconds(r1[key]), key
+    for key in ("result", "checksum", "proba", "resumed_checksum"):
+        assert r0[key] == r1[key], key
     assert len(r0["resumed_history"]) == 7 and r0["resumed_history"][:6] == r0["history"]
+
+
+def test_an_epoch_with_mixup_specaugment_and_dropout_under_ddp(two_processes):
+    """Each rank draws its own augmentations; the averaged gradients keep the models identical."""
+    _, (r0, r1), _ = two_processes
+    a0, a1 = r0["augmented"], r1["augmented"]
+    assert without_seconds(a0["history"]) == without_seconds(a1["history"]) and len(a0["history"]) == 1
+    assert math.isfinite(a0["history"][0]["train_loss"]) and a0["checksum"] == a1["checksum"]
+
+
+def test_swa_batchnorm_update_over_ranks_matches_one_process(two_processes):
+    """2 ranks x 4 clips: the running means of one process over all 8 clips (up to rounding),
+    and exactly what one process computes from the same two batches of 4."""
+    _, (r0, r1), _ = two_processes
+    assert r0["bn_update"] == r1["bn_update"]
+    means, variances = r0["bn_update"]
+    one_batch, _ = bn_update([BN_CLIPS], DistInfo())
+    np.testing.assert_allclose(means, one_batch, rtol=1e-6, atol=1e-7)
+    two_batches = bn_update([BN_CLIPS[:4], BN_CLIPS[4:]], DistInfo())
+    np.testing.assert_allclose([means, variances], two_batches, rtol=1e-6, atol=1e-7)
 
 
 def test_one_set_of_output_files(two_processes):
