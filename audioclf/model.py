@@ -126,7 +126,7 @@ class AudioClassifier(nn.Module):
             self.freqshift.generator = freqshift
 
     def augmentations(self) -> list[nn.Module]:
-        """The modules that act only in training mode (switched off for BatchNorm updates)."""
+        """The modules that act only in training mode: time shift, frequency shift, SpecAugment."""
         return [self.timeshift, self.freqshift, self.specaugment]
 
 
