@@ -257,12 +257,15 @@ def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | Non
         command: the command line, recorded in the fold summaries and the report.
 
     Raises:
-        ConfigError: a fold outside [0, K), or (without ``overwrite``) ``out_dir`` holds
-            another run: checked before anything is written, so that run stays intact.
+        ConfigError: an unknown backbone or a missing pretrained file, a fold outside
+            [0, K), or (without ``overwrite``) ``out_dir`` holds another run: all checked
+            before any audio is decoded or anything written, so that run stays intact.
         ManifestError: see :func:`assign_folds`.
     """
     from audioclf.bundle import clear_run, merge_folds, read_fold_summary, write_run_inputs
+    from audioclf.model import check_model_config
 
+    check_model_config(cfg.model)  # a misspelt backbone fails now, not after decoding the audio
     out_dir = Path(out_dir)
     fold_ids, plans = plan_folds(manifest, cfg)
     n_folds = len(plans)
@@ -308,7 +311,9 @@ def train_holdout(manifest, cfg: RunConfig, out_dir, split_column: str = "split"
         ConfigError: (without ``overwrite``) ``out_dir`` holds another run.
     """
     from audioclf.bundle import clear_run, merge_folds, write_run_inputs
+    from audioclf.model import check_model_config
 
+    check_model_config(cfg.model)
     out_dir = Path(out_dir)
     splits = [r.extra.get(split_column) for r in manifest.records]
     parts = {name: np.flatnonzero([s == name for s in splits]) for name in ("train", "validation", "test")}

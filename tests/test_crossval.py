@@ -454,3 +454,22 @@ def test_retraining_a_fold_marks_the_merged_bundle_incomplete(tone_run, tmp_path
         Predictor.from_bundle(copy / "bundle")
     with pytest.raises(BundleError, match=r"fold\(s\) 1 of 2 missing"):
         merge_folds(copy)
+
+
+@pytest.mark.parametrize("model, match", [
+    ({"backbone": "resnet_18"}, "unknown backbone 'resnet_18'"),
+    ({"backbone": "test_resnet", "pretrained": "/nowhere/weights.safetensors"}, "pretrained weights file not found"),
+])
+def test_a_bad_model_config_fails_before_any_audio_is_decoded(tone_run, tmp_path, monkeypatch, model, match):
+    from audioclf.crossval import cross_validate
+    from audioclf.data import WaveformCache
+    from audioclf.errors import ConfigError
+
+    def decoded(self):
+        raise AssertionError("audio decoded before the model configuration was checked")
+
+    monkeypatch.setattr(WaveformCache, "build", decoded)
+    manifest, *_ = tone_run
+    with pytest.raises(ConfigError, match=match):
+        cross_validate(manifest, RunConfig.from_dict(TINY).replace(model=model), tmp_path / "run")
+    assert not (tmp_path / "run").exists()
