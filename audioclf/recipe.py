@@ -332,7 +332,8 @@ def headline(dataset: str, report: dict, bundle_dir: Path, minutes: float) -> st
         m, s = scores["mean"], scores["std"]
         if report["protocol"] == "k-fold":
             lines.append(f"single fold models, out-of-fold ({name}): accuracy {m['accuracy']:.4f} ± "
-                         f"{s['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} ± {s['macro_f1']:.4f}")
+                         f"{s['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f} ± {s['macro_f1']:.4f} "
+                         f"(mean ± sample std over {report['n_folds']} folds)")
         else:
             lines.append(f"model on the official test split ({name}): accuracy {m['accuracy']:.4f}, "
                          f"macro-F1 {m['macro_f1']:.4f}")

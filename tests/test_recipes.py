@@ -68,7 +68,8 @@ def check_bundle_and_headline(run: dict, n_folds: int) -> dict:
     single = report["oof"]["single"]
     if report["protocol"] == "k-fold":
         assert (f"accuracy {single['mean']['accuracy']:.4f} ± {single['std']['accuracy']:.4f}, "
-                f"macro-F1 {single['mean']['macro_f1']:.4f} ± {single['std']['macro_f1']:.4f}") in stdout
+                f"macro-F1 {single['mean']['macro_f1']:.4f} ± {single['std']['macro_f1']:.4f} "
+                f"(mean ± sample std over {n_folds} folds)") in stdout
     else:
         assert f"accuracy {single['mean']['accuracy']:.4f}, macro-F1 {single['mean']['macro_f1']:.4f}" in stdout
     assert stdout.rstrip().splitlines()[-1] == f"bundle: {bundle}"
