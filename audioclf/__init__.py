@@ -6,7 +6,7 @@ The pipeline, in order (one module each):
 2. ``manifest``   CSV of (path, label, fold, group); builders for official dataset layouts
 3. ``data``       waveform cache (decoded once, memory-mapped) and fixed-length crops
 4. ``features``   ``LogMel``: (B, N) waveforms -> (B, 1, n_mels, T) log-mel, on any device
-5. ``augment``    ``SpecAugment``, ``MixUp``, ``TimeShift``, ``FreqShift`` (training and TTA)
+5. ``augment``    ``SpecAugment``, ``MixUp``, ``TimeShift``, ``FreqShift``, ``SpeedPerturb`` (training, TTA)
 6. ``model``      ``AudioClassifier``: LogMel + SpecAugment + a timm backbone (in_chans=1)
 7. ``train``      ``fit``: AdamW, plateau or cosine LR, best checkpoint, early stopping, SWA
 8. ``checkpoint`` safetensors weights + JSON config; never unpickles
@@ -32,7 +32,7 @@ _EXPORTS = {
     "data": ["WaveformCache", "ClipDataset"],
     "features": ["LogMel", "compute_normalization_stats", "mel_filterbank"],
     "augment": ["SpecAugment", "MixUp", "MixParams", "TimeShift", "FreqShift", "time_shift", "freq_shift",
-                "tta_shifts", "soft_target_cross_entropy"],
+                "SpeedPerturb", "speed_perturb", "tta_shifts", "soft_target_cross_entropy"],
     "model": ["AudioClassifier", "build_model", "PRESETS"],
     "train": ["fit", "TrainResult"],
     "checkpoint": ["save_checkpoint", "load_checkpoint"],

@@ -1,4 +1,5 @@
-"""Training-time augmentation: ``SpecAugment``, ``MixUp``, ``TimeShift``, ``FreqShift``, and the loss for soft targets.
+"""Training-time augmentation: ``SpecAugment``, ``MixUp``, ``TimeShift``, ``FreqShift``,
+``SpeedPerturb``, and the loss for soft targets.
 
 Each transform splits "draw the random parameters" (``draw``) from a deterministic
 ``apply``, so a draw can be logged and replayed. Random numbers come from an optional
@@ -27,6 +28,8 @@ __all__ = [
     "tta_shifts",
     "FreqShift",
     "freq_shift",
+    "SpeedPerturb",
+    "speed_perturb",
     "soft_target_cross_entropy",
 ]
 
@@ -428,6 +431,76 @@ class FreqShift(nn.Module):
         if not self.training or x.shape[0] == 0 or self.max_shift == 0:
             return x
         return freq_shift(x, self.draw(x.shape[0], x.device))
+
+
+def speed_perturb(x: Tensor, factor: Tensor) -> Tensor:
+    """Play each waveform faster or slower about its centre, keeping its length.
+
+    ``y[n] = x(c + (n - c) * factor)`` with ``c = (N - 1) / 2``, linearly interpolated, and
+    zeros where that reads outside the clip. A factor above 1 speeds a clip up: its
+    pitch and formants rise by the factor and it gets shorter (Kaldi-style speed
+    perturbation, Ko et al. 2015). There is no anti-aliasing filter: with a factor f > 1
+    whatever lies above ``sample_rate / (2 f)`` folds back, which costs little for the
+    modest factors (about 0.9-1.1) that this augmentation uses.
+
+    Args:
+        x: (B, N) waveforms.
+        factor: (B,) positive speed factors, one per example.
+
+    Returns:
+        (B, N), same dtype and device.
+    """
+    if x.ndim != 2:
+        raise ValueError(f"speed_perturb expects (B, N) waveforms, got shape {tuple(x.shape)}")
+    if factor.shape != (x.shape[0],):
+        raise ValueError(f"factor must have shape (B,)=({x.shape[0]},), got {tuple(factor.shape)}")
+    n = x.shape[1]
+    centre = (n - 1) / 2
+    offset = torch.arange(n, device=x.device, dtype=torch.float64) - centre  # (N,)
+    pos = centre + offset[None] * factor.to(x.device, torch.float64)[:, None]  # (B, N) source positions
+    left = pos.floor().clamp(0, n - 1).long()
+    right = (left + 1).clamp(max=n - 1)
+    frac = (pos - left).to(x.dtype)  # in [0, 1) inside the clip
+    out = x.gather(1, left) * (1 - frac) + x.gather(1, right) * frac
+    inside = (pos >= 0) & (pos <= n - 1)
+    return out * inside.to(x.dtype)
+
+
+class SpeedPerturb(nn.Module):
+    """Random speed change per example, factor uniform in [1 - max_change, 1 + max_change].
+
+    Changes tempo, pitch and formants together, as a different speaker or speaking
+    rate would; see :func:`speed_perturb`. Identity in eval mode.
+
+    Args:
+        max_change: the largest relative change, in [0, 0.5) (0.1: factors 0.9-1.1).
+        p: probability that an example is perturbed at all.
+        generator: optional torch.Generator for reproducible factors.
+
+    Raises:
+        ValueError: an argument is out of range (the message quotes it).
+    """
+
+    def __init__(self, max_change: float, p: float = 1.0, generator: torch.Generator | None = None):
+        super().__init__()
+        _require(_is_real(max_change) and 0.0 <= max_change < 0.5, "max_change", max_change, "in [0, 0.5)")
+        _require(_is_real(p) and 0.0 <= p <= 1.0, "p", p, "in [0, 1]")
+        self.max_change, self.p, self.generator = float(max_change), float(p), generator
+
+    def extra_repr(self) -> str:
+        return f"max_change={self.max_change}, p={self.p}"
+
+    def draw(self, batch_size: int, device=None) -> Tensor:
+        """Factors for a batch: (B,) float in [1 - max_change, 1 + max_change]; 1 where not applied."""
+        u = _rand((batch_size, 2), self.generator, device if device is not None else "cpu")
+        factor = 1 + self.max_change * (2 * u[:, 0] - 1)
+        return torch.where(u[:, 1] < self.p, factor, torch.ones_like(factor))
+
+    def forward(self, x: Tensor) -> Tensor:
+        """(B, N) -> (B, N), perturbed in training mode only."""
+        if not self.training or x.shape[0] == 0 or self.max_change == 0:
+            return x
+        return speed_perturb(x, self.draw(x.shape[0], x.device))
 
 
 def soft_target_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = "mean") -> Tensor:

@@ -147,7 +147,9 @@ class AugmentConfig:
     ``time_mask_width``: an int is a width in frames; a float in (0, 1] a fraction of
     the spectrogram's length. ``time_shift`` is the largest random circular shift of the
     waveform, as a fraction of the clip. ``freq_shift`` is the largest random shift of the
-    mel axis in bins (a vocal-tract-length-like perturbation; 0 disables).
+    mel axis in bins (a vocal-tract-length-like perturbation; 0 disables). ``speed_perturb``
+    is the largest relative change of playback speed (0.1: factors 0.9-1.1; tempo, pitch
+    and formants change together; 0 disables).
     """
 
     freq_masks: int = 2
@@ -161,6 +163,7 @@ class AugmentConfig:
     mixup_per_example: bool = False
     time_shift: float = 0.0
     freq_shift: int = 0
+    speed_perturb: float = 0.0
 
     def __post_init__(self):
         _check_types(self)
@@ -178,6 +181,7 @@ class AugmentConfig:
         _check(0 <= self.mixup_p <= 1, "mixup_p", self.mixup_p, "in [0, 1]")
         _check(0 <= self.time_shift <= 1, "time_shift", self.time_shift, "a fraction in [0, 1]")
         _check(self.freq_shift >= 0, "freq_shift", self.freq_shift, "a number of mel bins >= 0")
+        _check(0 <= self.speed_perturb < 0.5, "speed_perturb", self.speed_perturb, "a fraction in [0, 0.5)")
 
 
 @dataclass(frozen=True)

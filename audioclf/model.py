@@ -1,9 +1,10 @@
 """``AudioClassifier``: log-mel front end, training-time augmentation, and a timm backbone.
 
-    (B, N) waveforms --TimeShift--> --LogMel--> (B, 1, F, T) --mix--> --SpecAugment-->
-    --timm backbone (in_chans=1)--> (B, K) logits
+    (B, N) waveforms --SpeedPerturb--> --TimeShift--> --LogMel--> (B, 1, F, T) --mix-->
+    --FreqShift--> --SpecAugment--> --timm backbone (in_chans=1)--> (B, K) logits
 
-TimeShift and SpecAugment act only in training mode; ``mix`` (MixUp's ``apply``) is
+SpeedPerturb, TimeShift, FreqShift and SpecAugment act only in training mode (each is an
+identity module when its setting is 0); ``mix`` (MixUp's ``apply``) is
 passed by the trainer. Any timm model name works; :data:`PRESETS` lists the families
 that are known to do well on spectrograms and are tested here.
 
@@ -36,7 +37,7 @@ import torch
 from timm.models import adapt_input_conv
 from torch import Tensor, nn
 
-from audioclf.augment import FreqShift, SpecAugment, TimeShift
+from audioclf.augment import FreqShift, SpecAugment, SpeedPerturb, TimeShift
 from audioclf.config import AugmentConfig, FeatureConfig, ModelConfig, RunConfig
 from audioclf.errors import ConfigError
 from audioclf.features import LogMel
@@ -68,7 +69,7 @@ class AudioClassifier(nn.Module):
         num_classes: number of classes K (>= 2).
         sample_rate: rate of the input waveforms (Hz).
         features: log-mel front end settings.
-        augment: SpecAugment and time-shift settings (MixUp is applied by the trainer
+        augment: SpecAugment, speed, time- and frequency-shift settings (MixUp is applied by the trainer
             through ``forward(..., mix=...)``).
         model: backbone name, pretrained weights, dropout before the classifier.
 
@@ -90,6 +91,7 @@ class AudioClassifier(nn.Module):
             raise ValueError(f"num_classes must be an integer >= 2 ({num_classes!r} given)")
         self.num_classes = num_classes
         self.sample_rate = sample_rate
+        self.speed = SpeedPerturb(augment.speed_perturb) if augment.speed_perturb > 0 else nn.Identity()
         self.timeshift = TimeShift.from_config(augment) if augment.time_shift > 0 else nn.Identity()
         self.frontend = LogMel.from_config(sample_rate, features)
         self.freqshift = FreqShift(augment.freq_shift) if augment.freq_shift > 0 else nn.Identity()
@@ -107,6 +109,7 @@ class AudioClassifier(nn.Module):
         Returns:
             (B, K) logits.
         """
+        waveforms = self.speed(waveforms)  # (B, N), faster or slower in training only
         waveforms = self.timeshift(waveforms)  # (B, N), shifted in training only
         spec = self.frontend(waveforms)  # (B, N) -> (B, 1, F, T)
         if mix is not None:
@@ -117,17 +120,20 @@ class AudioClassifier(nn.Module):
 
     def set_generators(self, specaugment: torch.Generator | None,
                        timeshift: torch.Generator | None,
-                       freqshift: torch.Generator | None = None) -> None:
+                       freqshift: torch.Generator | None = None,
+                       speed: torch.Generator | None = None) -> None:
         """Give the training-time augmentations their own random streams (replayable draws)."""
         self.specaugment.generator = specaugment
         if isinstance(self.timeshift, TimeShift):
             self.timeshift.generator = timeshift
         if isinstance(self.freqshift, FreqShift):
             self.freqshift.generator = freqshift
+        if isinstance(self.speed, SpeedPerturb):
+            self.speed.generator = speed
 
     def augmentations(self) -> list[nn.Module]:
-        """The modules that act only in training mode: time shift, frequency shift, SpecAugment."""
-        return [self.timeshift, self.freqshift, self.specaugment]
+        """The modules that act only in training mode: speed, time shift, frequency shift, SpecAugment."""
+        return [self.speed, self.timeshift, self.freqshift, self.specaugment]
 
 
 def build_model(cfg: RunConfig, num_classes: int) -> AudioClassifier:

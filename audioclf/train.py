@@ -194,7 +194,7 @@ def _prepare(model, train_set, val_set, cfg: RunConfig, out_dir: Path, label_nam
     state = open_run(out_dir, resume, overwrite, identity, device, info.is_main)
     progress = _progress(state, tc)
 
-    generators = [torch.Generator() for _ in range(4)]  # MixUp, SpecAugment, time shift, freq shift
+    generators = [torch.Generator() for _ in range(5)]  # MixUp, SpecAugment, time, freq shift, speed
     seed_epoch(tc.seed, info.rank, 0, generators)
     model.to(device)
     model.set_generators(*generators[1:])

@@ -1,4 +1,4 @@
-"""SpecAugment, MixUp, TimeShift, FreqShift, TTA shifts and the soft-target loss."""
+"""SpecAugment, MixUp, TimeShift, FreqShift, SpeedPerturb, TTA shifts and the soft-target loss."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from audioclf.augment import (FreqShift, MixParams, MixUp, SpecAugment, TimeShift, freq_shift,
-                              soft_target_cross_entropy, time_shift, tta_shifts)
+from audioclf.augment import (FreqShift, MixParams, MixUp, SpecAugment, SpeedPerturb, TimeShift, freq_shift,
+                              soft_target_cross_entropy, speed_perturb, time_shift, tta_shifts)
 from audioclf.config import AugmentConfig
 
 
@@ -364,3 +364,63 @@ def test_freq_shift_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError) as e:
         FreqShift(**kwargs)
     assert message in str(e.value)
+
+
+# --- SpeedPerturb -----------------------------------------------------------------------
+
+
+def test_speed_perturb_reads_about_the_centre_by_hand():
+    x = torch.arange(9.0).repeat(3, 1)  # (3, 9): sample n holds n; the centre is sample 4
+    out = speed_perturb(x, torch.tensor([1.0, 2.0, 0.5]))
+    assert torch.equal(out[0], x[0])  # factor 1: unchanged
+    # factor 2 reads positions 4 + 2 (n - 4) = -4, -2, 0, ..., 8, 10, 12: zeros outside
+    assert out[1].tolist() == [0.0, 0.0, 0.0, 2.0, 4.0, 6.0, 8.0, 0.0, 0.0]
+    # factor 0.5 reads 4 + (n - 4) / 2 = 2, 2.5, ..., 6: linear interpolation in between
+    assert out[2].tolist() == [2.0, 2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0]
+
+
+def test_speed_perturb_scales_a_tone_frequency_by_the_factor():
+    rate, n = 8000, 8000
+    t = torch.arange(n, dtype=torch.float64) / rate
+    tone = torch.sin(2 * np.pi * 500 * t).float().repeat(2, 1)  # (2, N) 500 Hz
+    out = speed_perturb(tone, torch.tensor([1.1, 0.9]))
+    mid = slice(n // 4, 3 * n // 4)  # a stretch that stays inside the clip for both factors
+    peaks = torch.fft.rfft(out[:, mid] * torch.hann_window(n // 2), dim=1).abs().argmax(1)
+    hz = peaks.double() * rate / (n // 2)
+    assert hz.tolist() == pytest.approx([550.0, 450.0], abs=2 * rate / (n // 2))
+
+
+def test_speed_perturb_batched_equals_one_by_one():
+    x, factor = torch.randn(5, 300), torch.tensor([0.9, 1.0, 1.05, 1.1, 0.95])
+    one_by_one = torch.cat([speed_perturb(x[i:i + 1], factor[i:i + 1]) for i in range(5)])
+    torch.testing.assert_close(speed_perturb(x, factor), one_by_one)
+
+
+def test_speed_perturb_draws_within_bounds_replays_and_is_identity_in_eval_mode():
+    sp = SpeedPerturb(0.1, generator=_gen(0))
+    factors = sp.draw(2000)
+    assert 0.9 <= factors.min() < 0.91 and 1.09 < factors.max() <= 1.1
+    assert torch.equal(factors, SpeedPerturb(0.1, generator=_gen(0)).draw(2000))
+    assert (SpeedPerturb(0.1, p=0.0).draw(50) == 1).all()
+    x = torch.randn(4, 800)
+    assert not torch.equal(SpeedPerturb(0.1, generator=_gen(1)).train()(x), x)
+    assert torch.equal(SpeedPerturb(0.1, generator=_gen(1)).eval()(x), x)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_change": -0.1}, "max_change must be in [0, 0.5) (-0.1 given)"),
+    ({"max_change": 0.5}, "max_change must be in [0, 0.5) (0.5 given)"),
+    ({"max_change": "0.1"}, "max_change must be in [0, 0.5) ('0.1' given)"),
+    ({"max_change": 0.1, "p": 2}, "p must be in [0, 1] (2 given)"),
+])
+def test_speed_perturb_rejects_bad_arguments(kwargs, message):
+    with pytest.raises(ValueError) as e:
+        SpeedPerturb(**kwargs)
+    assert message in str(e.value)
+
+
+def test_speed_perturb_rejects_bad_shapes():
+    with pytest.raises(ValueError, match=r"expects \(B, N\) waveforms"):
+        speed_perturb(torch.zeros(2, 1, 10), torch.ones(2))
+    with pytest.raises(ValueError, match=r"factor must have shape \(B,\)=\(2,\)"):
+        speed_perturb(torch.zeros(2, 10), torch.ones(3))

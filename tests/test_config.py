@@ -17,6 +17,7 @@ def test_round_trip_through_dict():
     ("audio", {"sample_rate": 0}, "sample_rate must be an integer in (0, 1000000] Hz (0 given)"),
     ("features", {"mel_scale": "bark"}, "mel_scale must be one of 'slaney', 'htk'"),
     ("augment", {"time_mask_width": 1.5}, "time_mask_width must be a fraction in [0, 1]"),
+    ("augment", {"speed_perturb": 0.5}, "speed_perturb must be a fraction in [0, 0.5) (0.5 given)"),
     ("cv", {"k": 1}, "k must be in [2, 100] (1 given)"),
     # types, before ranges: these used to fail later, inside range() or NumPy
     ("train", {"epochs": 2.5}, "epochs must be an integer (2.5 given)"),

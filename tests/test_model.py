@@ -324,6 +324,19 @@ def test_time_shift_acts_in_training_only():
                                rtol=0.05, atol=1.0)
 
 
+def test_speed_perturb_acts_in_training_only_with_its_own_stream():
+    model = make_model(augment=AugmentConfig(freq_masks=0, time_masks=0, mixup_alpha=0.0, speed_perturb=0.1))
+    assert model.speed in model.augmentations()
+    streams = [torch.Generator().manual_seed(i) for i in range(4)]
+    model.set_generators(*streams)
+    assert model.speed.generator is streams[3]
+    x = waves(4)
+    model.eval()
+    torch.testing.assert_close(capture_backbone_input(model, x), model.frontend(x))
+    model.train()
+    assert not torch.allclose(capture_backbone_input(model, x), model.frontend(x), atol=1e-3)
+
+
 def test_resnest_weights_with_conv_biases_load_into_the_folded_model(tmp_path):
     """ImageNet ResNeSt files hold the split-attention biases the model no longer has."""
     from safetensors.torch import save_file

@@ -27,6 +27,7 @@ _OPTIONS: list[tuple[str, str, str, object, str]] = [
     ("--time-masks", "augment", "time_masks", int, "SpecAugment time masks"),
     ("--time-shift", "augment", "time_shift", float, "max random waveform shift (fraction)"),
     ("--freq-shift", "augment", "freq_shift", int, "max random mel-axis shift (bins)"),
+    ("--speed-perturb", "augment", "speed_perturb", float, "max random speed change (fraction, e.g. 0.1)"),
     ("--backbone", "model", "backbone", str, "timm model name (e.g. resnest26d, resnet18)"),
     ("--pretrained", "model", "pretrained", str, "'timm' for timm's ImageNet weights, or a local weights file"),
     ("--drop-rate", "model", "drop_rate", float, "dropout before the classifier"),
