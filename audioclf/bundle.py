@@ -202,7 +202,8 @@ def merge_folds(out_dir, command: str | None = None) -> dict:
     The run is the one ``folds.csv`` describes: folds ``0 .. K-1`` where K comes from its
     fold column. Each of them must be finished and trained on exactly those rows (the
     hash in its ``fold.json``); a ``fold-<k>`` left from an earlier run with more folds is
-    named, ignored, and its model removed from the bundle.
+    named, ignored, and its model removed from the bundle once every check has passed
+    (a refused merge changes nothing).
 
     Returns:
         The report dict (also written as ``bundle/report.json``).
@@ -241,20 +242,14 @@ def merge_folds(out_dir, command: str | None = None) -> dict:
     bundle = out_dir / "bundle"
     _write_oof(bundle / "oof.csv", rows, preds, report)
     reporting.write_report(bundle, report, curves={f: out_dir / f"fold-{f}" / "train" / "metrics.csv" for f in folds})
+    _drop_leftovers(out_dir, [f for f in found if f >= n_folds], n_folds)
     write_json_atomic(bundle / "config.json", _bundle_config(report, first, folds))  # last: marks complete
     log.info("bundle written to %s", bundle)
     return report
 
 
 def _check_folds(out_dir: Path, found: list[int], n_folds: int) -> list[int]:
-    """The run's folds ``0 .. n_folds-1``, all finished with their model files; leftovers named and dropped."""
-    extra = [f for f in found if f >= n_folds]
-    if extra:
-        log.warning("%s: fold(s) %s are not part of this %d-fold run (folds.csv); left from an earlier run, "
-                    "ignored", out_dir, ", ".join(map(str, extra)), n_folds)
-        for f in extra:  # never ship a model of another run
-            for suffix in (".safetensors", ".json"):
-                (out_dir / "bundle" / f"fold-{f}{suffix}").unlink(missing_ok=True)
+    """The run's folds ``0 .. n_folds-1``, all finished with their model files (leftovers are not looked at)."""
     missing = sorted(set(range(n_folds)) - set(found))
     if missing:
         raise BundleError(f"{out_dir}: fold(s) {', '.join(map(str, missing))} of {n_folds} missing; "
@@ -265,6 +260,16 @@ def _check_folds(out_dir: Path, found: list[int], n_folds: int) -> list[int]:
             if not path.is_file():
                 raise BundleError(f"{path}: missing; fold {f} did not finish writing its model")
     return list(range(n_folds))
+
+
+def _drop_leftovers(out_dir: Path, extra: list[int], n_folds: int) -> None:
+    """Remove from the bundle the models of folds left by an earlier run with more folds."""
+    if extra:
+        log.warning("%s: fold(s) %s are not part of this %d-fold run (folds.csv); left from an earlier run, "
+                    "ignored", out_dir, ", ".join(map(str, extra)), n_folds)
+    for f in extra:  # never ship a model of another run
+        for suffix in (".safetensors", ".json"):
+            (out_dir / "bundle" / f"fold-{f}{suffix}").unlink(missing_ok=True)
 
 
 def _check_rows(out_dir: Path, identity: dict, rows: list[dict], test_rows: list[dict] | None) -> None:

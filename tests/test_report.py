@@ -183,6 +183,27 @@ def test_merge_takes_exactly_the_folds_of_folds_csv_and_names_leftovers(tmp_path
     assert not (root / "bundle" / "fold-2.safetensors").exists()  # a model of another run is never shipped
 
 
+@pytest.mark.parametrize("wrong", ["folds.csv", "a fold's config"])
+def test_a_refused_merge_leaves_every_file_in_place(tmp_path, wrong):
+    root = make_run(tmp_path)  # 2 folds, and fold-2 of an earlier 3-fold run left behind
+    (tmp_path / "old").mkdir()
+    make_run(tmp_path / "old", n_folds=3)
+    (root / "fold-2").mkdir()
+    (root / "fold-2" / "fold.json").write_text((tmp_path / "old" / "fold-2" / "fold.json").read_text())
+    for suffix in (".safetensors", ".json"):
+        (root / "bundle" / f"fold-2{suffix}").write_text("stale")
+    if wrong == "folds.csv":
+        (root / "folds.csv").write_text((root / "folds.csv").read_text().replace("c0.wav", "other.wav"))
+    else:
+        (tmp_path / "other").mkdir()
+        make_run(tmp_path / "other", lr=2e-3)
+        (root / "fold-1" / "fold.json").write_text((tmp_path / "other" / "fold-1" / "fold.json").read_text())
+    before = {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+    with pytest.raises((BundleError, ConfigError)):
+        merge_folds(root)
+    assert {p: p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()} == before
+
+
 def test_windows_are_averaged_per_clip_before_scoring(tmp_path):
     assert window_mean(np.array([[1.0, 0.0], [0.0, 1.0], [0.2, 0.8]]), np.array([0, 0, 1])).tolist() == \
         [[0.5, 0.5], [0.2, 0.8]]
