@@ -43,7 +43,7 @@ from audioclf._io import atomic_open, write_json_atomic
 from audioclf.errors import BundleError, ConfigError
 
 __all__ = ["FORMAT_VERSION", "Bundle", "read_bundle", "load_models", "merge_folds", "first_difference",
-           "resolve_bundle_dir", "versions"]
+           "resolve_bundle_dir", "versions", "run_entries"]
 
 log = logging.getLogger(__name__)
 
@@ -100,26 +100,36 @@ def write_run_inputs(out_dir, manifest, test_manifest, fold_ids: np.ndarray) -> 
         (out_dir / "test-clips.csv").unlink(missing_ok=True)  # a previous run's test set is not this run's
 
 
-def clear_run(out_dir) -> None:
-    """Remove every file of a previous run from ``out_dir``: its inputs, fold folders and bundle.
+_FOLD_DIR = re.compile(r"fold-(\d+)")
 
-    Only the names this module writes are touched (``folds.csv``, ``test-clips.csv``,
-    ``fold-<k>/``, ``bundle/``); anything else in ``out_dir`` stays.
+
+def run_entries(out_dir) -> list[Path]:
+    """What a cross-validation run wrote at the top of ``out_dir``, sorted: ``folds.csv``,
+    ``test-clips.csv`` (files), ``fold-<k>/`` (k digits only) and ``bundle/`` (folders).
+
+    The one list of those names: :func:`clear_run` removes exactly these, and
+    :mod:`audioclf.rundir` refuses a folder holding any of them. Anything else (a user's
+    ``fold-notes/``, say) is not the run's.
     """
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
-        return
-    removed = []
-    for path in sorted(out_dir.iterdir()):
-        if path.name in ("folds.csv", "test-clips.csv") and path.is_file():
-            path.unlink()
-        elif path.is_dir() and (path.name == "bundle" or re.fullmatch(r"fold-\d+", path.name)):
+        return []
+    return sorted(p for p in out_dir.iterdir()
+                  if (p.is_file() and p.name in ("folds.csv", "test-clips.csv"))
+                  or (p.is_dir() and (p.name == "bundle" or _FOLD_DIR.fullmatch(p.name))))
+
+
+def clear_run(out_dir) -> None:
+    """Remove every file of a previous run from ``out_dir``: its inputs, fold folders and
+    bundle (:func:`run_entries`); anything else in ``out_dir`` stays."""
+    removed = run_entries(out_dir)
+    for path in removed:
+        if path.is_dir():
             shutil.rmtree(path)
         else:
-            continue
-        removed.append(path.name)
+            path.unlink()
     if removed:
-        log.info("--overwrite: removed the previous run's %s from %s", ", ".join(removed), out_dir)
+        log.info("--overwrite: removed the previous run's %s from %s", ", ".join(p.name for p in removed), out_dir)
 
 
 def _write_rows(path: Path, header: list[str], rows: list[list]) -> None:
@@ -178,8 +188,8 @@ def read_fold_summary(out_dir, fold: int, missing_ok: bool = False) -> dict | No
 
 def finished_folds(out_dir) -> list[int]:
     """Fold numbers with a ``fold-<k>/fold.json`` in ``out_dir``, sorted."""
-    return sorted(int(p.parent.name.split("-")[1]) for p in Path(out_dir).glob("fold-*/fold.json")
-                  if re.fullmatch(r"fold-\d+", p.parent.name))
+    return sorted(int(m[1]) for p in run_entries(out_dir)
+                  if (m := _FOLD_DIR.fullmatch(p.name)) and (p / "fold.json").is_file())
 
 
 def first_difference(a: Any, b: Any, where: str = "") -> str | None:

@@ -37,11 +37,12 @@ from torch import Tensor
 
 from audioclf._io import write_text_atomic
 from audioclf._state import load_state, save_state
+from audioclf.bundle import run_entries
 from audioclf.config import RunConfig, TrainConfig
 from audioclf.distributed import all_agree, broadcast_object
 from audioclf.errors import AudioclfError, ConfigError
 
-__all__ = ["RUN_FILES", "CV_RUN_FILES", "STATE_FILE", "RunPlan", "Progress", "check_out_dir",
+__all__ = ["RUN_FILES", "STATE_FILE", "RunPlan", "Progress", "check_out_dir",
            "claim_out_dir", "open_run", "check_same_run", "save_resume_point", "record_saved_model",
            "restore_progress", "restore_resume_point", "write_metrics_csv", "METRIC_COLUMNS"]
 
@@ -49,9 +50,6 @@ logger = logging.getLogger(__name__)
 
 STATE_FILE = "state.safetensors"
 RUN_FILES = ("model.safetensors", "model.json", "metrics.csv", STATE_FILE)
-# what `audioclf cv` writes at the top of its folder (see audioclf.bundle): a train run there
-# would mix with it
-CV_RUN_FILES = ("folds.csv", "test-clips.csv", "bundle", "fold-*")
 # lr: at the start of the epoch; improved: a new best (keep_best); swa: weights averaged this epoch
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_accuracy", "improved", "swa",
                   "seconds")
@@ -113,9 +111,10 @@ def claim_out_dir(out_dir: Path, resume: bool, overwrite: bool) -> Path | None:
 
 
 def _run_files(out_dir: Path) -> list[Path]:
-    """The files (and cross-validation folders) of a run found in ``out_dir``."""
+    """The files of a run found in ``out_dir``, and those of a cross-validation run
+    (:func:`audioclf.bundle.run_entries`: a train run there would mix with it)."""
     found = [out_dir / name for name in RUN_FILES if (out_dir / name).exists()]
-    return found + sorted(p for pattern in CV_RUN_FILES for p in out_dir.glob(pattern))
+    return found + run_entries(out_dir)
 
 
 def check_same_run(saved: dict[str, Any], current: dict[str, Any], source: Path) -> None:

@@ -342,12 +342,15 @@ def test_a_cross_validation_folder_is_refused_unless_overwrite(tmp_path):
     (tmp_path / "fold-0").mkdir()
     (tmp_path / "fold-0" / "fold.json").write_text("{}")
     (tmp_path / "bundle").mkdir()
-    with pytest.raises(ConfigError, match=r"already holds a run \(bundle, fold-0, folds.csv\)"):
+    (tmp_path / "fold-notes").mkdir()  # the user's, not a fold of the run
+    (tmp_path / "fold-notes" / "todo.txt").write_text("try a larger n_mels")
+    with pytest.raises(ConfigError, match=r"already holds a run \(bundle, fold-0, folds.csv\);"):
         check_out_dir(tmp_path, resume=False, overwrite=False)
     with pytest.raises(ConfigError, match="without a resume state"):
         check_out_dir(tmp_path, resume=True, overwrite=False)
     claim_out_dir(tmp_path, resume=False, overwrite=True)
-    assert not any(tmp_path.iterdir())
+    assert [p.name for p in tmp_path.iterdir()] == ["fold-notes"]
+    assert (tmp_path / "fold-notes" / "todo.txt").is_file()
 
 
 def test_resume_accepts_a_run_saved_before_a_config_field_existed(tmp_path):
