@@ -42,8 +42,8 @@ import numpy as np
 from audioclf._io import atomic_open, write_json_atomic
 from audioclf.errors import BundleError, ConfigError
 
-__all__ = ["FORMAT_VERSION", "Bundle", "read_bundle", "load_models", "merge_folds", "first_difference",
-           "resolve_bundle_dir", "versions", "run_entries"]
+__all__ = ["FORMAT_VERSION", "Bundle", "read_bundle", "load_models", "merge_folds", "resolve_bundle_dir",
+           "versions", "run_entries"]
 
 log = logging.getLogger(__name__)
 
@@ -192,17 +192,6 @@ def finished_folds(out_dir) -> list[int]:
                   if (m := _FOLD_DIR.fullmatch(p.name)) and (p / "fold.json").is_file())
 
 
-def first_difference(a: Any, b: Any, where: str = "") -> str | None:
-    """The first field (dotted path) where two JSON-like values differ, with both values."""
-    if isinstance(a, dict) and isinstance(b, dict):
-        for key in list(a) + [k for k in b if k not in a]:
-            diff = first_difference(a.get(key), b.get(key), f"{where}.{key}" if where else str(key))
-            if diff:
-                return diff
-        return None
-    return None if a == b else f"{where or 'value'} ({a!r} vs {b!r})"
-
-
 # ---------------------------------------------------------------- merge
 
 
@@ -224,6 +213,7 @@ def merge_folds(out_dir, command: str | None = None) -> dict:
         ConfigError: folds trained with different configurations (the field is named).
     """
     from audioclf import report as reporting
+    from audioclf._identity import run_differences
 
     out_dir = Path(out_dir)
     found = finished_folds(out_dir)
@@ -235,9 +225,12 @@ def merge_folds(out_dir, command: str | None = None) -> dict:
     summaries = {f: read_fold_summary(out_dir, f) for f in folds}
     first = summaries[folds[0]]
     for f in folds[1:]:
-        diff = first_difference(first["identity"], summaries[f]["identity"])
-        if diff:
-            raise ConfigError(f"{out_dir}: fold {f} was trained differently from fold {folds[0]}: {diff}")
+        try:
+            diffs = run_differences(first["identity"], summaries[f]["identity"])
+        except ConfigError as e:
+            raise ConfigError(f"{out_dir}: {e}") from None
+        if diffs:
+            raise ConfigError(f"{out_dir}: fold {f} was trained differently from fold {folds[0]}: {diffs[0]}")
     test_rows = _read_rows(out_dir / "test-clips.csv") if first["identity"].get("test_manifest") else None
     _check_rows(out_dir, first["identity"], rows, test_rows)
 

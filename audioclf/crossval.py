@@ -344,13 +344,17 @@ def _require_same_run(out_dir: Path, identity: dict) -> None:
     Every finished fold (``fold-<k>/fold.json``, whatever k) and ``folds.csv`` must belong
     to the run ``identity`` describes.
     """
-    from audioclf.bundle import FOLD_COLUMNS, finished_folds, first_difference, read_fold_summary, read_rows_hash
+    from audioclf._identity import run_differences
+    from audioclf.bundle import FOLD_COLUMNS, finished_folds, read_fold_summary, read_rows_hash
 
     hint = "use --overwrite to replace that run, or another --out"
     for fold in finished_folds(out_dir):
-        diff = first_difference(read_fold_summary(out_dir, fold)["identity"], identity)
-        if diff:
-            raise ConfigError(f"{out_dir}: fold {fold} was trained with a different {diff}; {hint}")
+        try:
+            diffs = run_differences(read_fold_summary(out_dir, fold)["identity"], identity)
+        except ConfigError as e:
+            raise ConfigError(f"{out_dir}: fold {fold}: {e}") from None
+        if diffs:
+            raise ConfigError(f"{out_dir}: fold {fold} differs from this run in {diffs[0]}; {hint}")
     folds_csv = out_dir / "folds.csv"
     if folds_csv.is_file() and read_rows_hash(folds_csv, FOLD_COLUMNS) != identity["rows"]:
         raise ConfigError(f"{folds_csv}: lists another run's clips or folds (a different manifest, seed or k); "

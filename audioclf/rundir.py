@@ -35,6 +35,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from audioclf._identity import run_differences
 from audioclf._io import write_text_atomic
 from audioclf._state import load_state, save_state
 from audioclf.bundle import run_entries
@@ -122,35 +123,21 @@ def check_same_run(saved: dict[str, Any], current: dict[str, Any], source: Path)
 
     Args:
         saved, current: {"config": RunConfig.to_dict(), "label_names": [...],
-            "n_train": int, "n_val": int}. The number of processes may change: the global
-            batch size is part of the config, and every random stream is re-derived from
-            (seed, rank, epoch) at each epoch. A field the saved config lacks (a run saved
-            by an older audioclf) takes its default, as loading that config would.
+            "n_train": int, "n_val": int}, compared by :func:`audioclf._identity.run_differences`
+            (a field the saved config lacks, from an older audioclf, takes its default).
+            The number of processes may change: the global batch size is part of the
+            config, and every random stream is re-derived from (seed, rank, epoch) at each
+            epoch.
 
     Raises:
         ConfigError: naming every field that differs (with both values).
     """
     try:
-        before = RunConfig.from_dict(saved["config"], source="saved config").to_dict()
+        diffs = run_differences(saved, current, ignore={f"config.{s}.{n}" for s, n in RESUMABLE_CHANGES})
     except ConfigError as e:
-        raise ConfigError(f"{source}: cannot resume: the saved run's configuration is not valid "
-                          f"here ({e}); start a new run (--overwrite)") from None
-    diffs = []
-    for section, values in current["config"].items():
-        for name, value in values.items():
-            old = before[section][name]
-            if (section, name) not in RESUMABLE_CHANGES and old != value:
-                diffs.append(f"{section}.{name}: {old!r} in the saved run, {value!r} now")
-    for key in ("label_names", "n_train", "n_val"):
-        if saved.get(key) != current[key]:
-            diffs.append(f"{key}: {_short(saved.get(key))} in the saved run, {_short(current[key])} now")
+        raise ConfigError(f"{source}: cannot resume: {e}") from None
     if diffs:
-        raise ConfigError(f"{source}: cannot resume a different run: " + "; ".join(diffs))
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+        raise ConfigError(f"{source}: cannot resume a different run (saved vs now): " + "; ".join(diffs))
 
 
 def write_metrics_csv(path: Path, history: list[dict[str, Any]]) -> None:

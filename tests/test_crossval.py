@@ -297,8 +297,33 @@ def test_cv_refuses_to_mix_configurations_in_one_folder(tone_run):
 
     manifest, result, *_ = tone_run
     other = RunConfig.from_dict(TINY).replace(train={"lr": 0.5})
-    with pytest.raises(ConfigError, match=r"fold 0 was trained with a different config\.train\.lr"):
+    with pytest.raises(ConfigError, match=r"fold 0 differs from this run in config\.train\.lr \(0\.001 vs 0\.5\)"):
         cross_validate(manifest, other, result.out_dir, folds=[0])
+
+
+def test_a_cv_folder_from_before_a_config_field_existed_resumes(tone_run, tmp_path):
+    """Fold 0 saved before augment.speed_perturb existed: its config takes the default, as
+    loading it would, in the resume check and in the merge (fold 1 against fold 0)."""
+    import shutil
+
+    from audioclf.crossval import cross_validate
+    from audioclf.errors import ConfigError
+
+    manifest, result, _, holdout = tone_run
+    copy = tmp_path / "run"
+    shutil.copytree(result.out_dir, copy)
+    path = copy / "fold-0" / "fold.json"
+    summary = json.loads(path.read_text())
+    del summary["identity"]["config"]["augment"]["speed_perturb"]
+    path.write_text(json.dumps(summary))
+    again = cross_validate(manifest, RunConfig.from_dict(TINY), copy, test_manifest=holdout, resume=True)
+    assert again.report["oof"] == result.report["oof"]
+    # A record an older audioclf did not keep cannot be checked: said so, not "(None vs ...)".
+    del summary["identity"]["rows"]
+    path.write_text(json.dumps(summary))
+    with pytest.raises(ConfigError, match=r"fold 0 differs from this run in rows \(not recorded vs '[0-9a-f]+': "
+                                          r"made by an older audioclf; rerun with --overwrite\)"):
+        cross_validate(manifest, RunConfig.from_dict(TINY), copy, test_manifest=holdout, resume=True)
 
 
 def _snapshot(folder: Path) -> dict[str, bytes]:
