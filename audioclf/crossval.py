@@ -281,10 +281,10 @@ def cross_validate(manifest, cfg: RunConfig, out_dir, folds: Sequence[int] | Non
             raise ManifestError(f"the test manifest has labels the cross-validation manifest lacks: "
                                 f"{', '.join(unknown)}")
     identity = _identity(cfg, manifest, fold_ids, n_folds, test_manifest)
+    if not overwrite:
+        _require_same_run(out_dir, identity)  # on every rank: see its docstring
     if is_main_process():
-        if not overwrite:
-            _require_same_run(out_dir, identity)
-        elif folds is None:
+        if overwrite and folds is None:
             clear_run(out_dir)  # a whole new run: no fold, model or report of the old one survives
         write_run_inputs(out_dir, manifest, test_manifest, fold_ids)
     for fold in chosen:
@@ -325,10 +325,10 @@ def train_holdout(manifest, cfg: RunConfig, out_dir, split_column: str = "split"
     fold_ids[parts["test"]] = 0
     plan = FoldPlan(0, parts["train"], parts["validation"], parts["test"])
     identity = _identity(cfg, manifest, fold_ids, 1, None)
+    if not overwrite:
+        _require_same_run(out_dir, identity)
     if is_main_process():
-        if not overwrite:
-            _require_same_run(out_dir, identity)
-        else:
+        if overwrite:
             clear_run(out_dir)
         write_run_inputs(out_dir, manifest, None, fold_ids)
     _run_fold(manifest, cfg, out_dir, plan, identity, None, cache_dir, resume, overwrite, command)
@@ -342,7 +342,11 @@ def _require_same_run(out_dir: Path, identity: dict) -> None:
     """Refuse an ``out_dir`` that holds another run, before anything in it is written.
 
     Every finished fold (``fold-<k>/fold.json``, whatever k) and ``folds.csv`` must belong
-    to the run ``identity`` describes.
+    to the run ``identity`` describes. Under torchrun every rank checks (it only reads), so
+    a refused folder stops them all before any decodes audio or waits in ``fit``. The
+    verdict is the same on every rank even when rank 0 has begun writing: it writes
+    nothing before a passed check, then only a ``folds.csv`` with the same rows, and no
+    ``fold.json`` before the ranks meet in ``fit``.
     """
     from audioclf._identity import run_differences
     from audioclf.bundle import FOLD_COLUMNS, finished_folds, read_fold_summary, read_rows_hash

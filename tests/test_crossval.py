@@ -301,6 +301,25 @@ def test_cv_refuses_to_mix_configurations_in_one_folder(tone_run):
         cross_validate(manifest, other, result.out_dir, folds=[0])
 
 
+def test_every_rank_refuses_another_run_before_decoding_any_audio(tone_run, monkeypatch):
+    """Under torchrun (this process plays rank 1) every rank checks the folder: a rank that
+    went on would decode and wait in fit() until torchrun killed it."""
+    from audioclf.crossval import cross_validate
+    from audioclf.data import WaveformCache
+    from audioclf.errors import ConfigError
+
+    def decoded(self):
+        raise AssertionError("rank 1 decoded audio for a run folder rank 0 refuses")
+
+    monkeypatch.setattr(WaveformCache, "build", decoded)
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    manifest, result, *_ = tone_run
+    other = RunConfig.from_dict(TINY).replace(train={"lr": 0.5})
+    with pytest.raises(ConfigError, match=r"fold 0 differs from this run in config\.train\.lr"):
+        cross_validate(manifest, other, result.out_dir, folds=[0])
+
+
 def test_a_cv_folder_from_before_a_config_field_existed_resumes(tone_run, tmp_path):
     """Fold 0 saved before augment.speed_perturb existed: its config takes the default, as
     loading it would, in the resume check and in the merge (fold 1 against fold 0)."""
