@@ -15,8 +15,9 @@ unless asked to resume it or to overwrite it, so nothing is replaced by accident
 The resume point (:func:`save_resume_point`) holds what an epoch boundary needs: the
 weights, the optimizer, the LR schedule, the SWA average and its count, the loss scaler,
 the selection bookkeeping (:class:`Progress`: best score, its weights, epochs since), the
-run's plan (:class:`RunPlan`: what was derived from the epoch budget at the first start),
-the summary of the model last saved, and the history. Random streams are not stored:
+run's plan (:class:`RunPlan`: what was derived from the epoch budget at the first start)
+and the history. (The model saved when the run finished describes itself, scores
+included, in ``model.json``.) Random streams are not stored:
 :mod:`audioclf.runtime` re-derives them from (seed, rank, epoch) at every epoch.
 """
 
@@ -43,9 +44,9 @@ from audioclf.config import RunConfig, TrainConfig
 from audioclf.distributed import all_agree, broadcast_object
 from audioclf.errors import AudioclfError, ConfigError
 
-__all__ = ["RUN_FILES", "STATE_FILE", "RunPlan", "Progress", "check_out_dir",
-           "claim_out_dir", "open_run", "check_same_run", "save_resume_point", "record_saved_model",
-           "restore_progress", "restore_resume_point", "write_metrics_csv", "METRIC_COLUMNS"]
+__all__ = ["RUN_FILES", "STATE_FILE", "RunPlan", "Progress", "check_out_dir", "claim_out_dir", "open_run",
+           "check_same_run", "save_resume_point", "restore_progress", "restore_resume_point",
+           "write_metrics_csv", "METRIC_COLUMNS"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ RUN_FILES = ("model.safetensors", "model.json", "metrics.csv", STATE_FILE)
 METRIC_COLUMNS = ("epoch", "lr", "train_loss", "val_loss", "val_accuracy", "improved", "swa",
                   "seconds")
 
-STATE_VERSION = 2  # 2: the plan and the saved model's summary
+STATE_VERSION = 2  # 2: the plan (an earlier version 2 also kept the saved model's summary: ignored)
 
 # Options a resumed run may change: they extend the budget or move the run, not its course
 # (what the budget decides is kept in the run's RunPlan; see audioclf.train).
@@ -195,8 +196,6 @@ class Progress:
     best_epoch: int = 0
     since_best: int = 0
     best_state: dict[str, Tensor] | None = None
-    # the training summary of the model in model.safetensors; None until the run first finishes
-    saved: dict[str, Any] | None = None
 
 
 def open_run(out_dir: Path, resume: bool, overwrite: bool, identity: dict[str, Any],
@@ -242,21 +241,13 @@ def save_resume_point(path: Path, progress: Progress, identity: dict[str, Any], 
     best_weights = None if progress.best_epoch == progress.epoch else progress.best_state
     save_state(path, {
         "version": STATE_VERSION, "run": identity, "epoch": progress.epoch,
-        "plan": dataclasses.asdict(progress.plan), "saved": progress.saved,
+        "plan": dataclasses.asdict(progress.plan),
         "history": progress.history, "best_metric": progress.best_metric,
         "best_loss": progress.best_loss, "best_epoch": progress.best_epoch,
         "since_best": progress.since_best, "best_weights": best_weights,
         "model": model.state_dict(), "optimizer": optimizer.state_dict(),
         "schedule": schedule.state_dict(), "scaler": scaler.state_dict(),
         "swa": swa_model.state_dict() if swa_model is not None else None})
-
-
-def record_saved_model(path: Path, summary: dict[str, Any]) -> None:
-    """Note in the resume point at ``path`` the summary of the model just saved beside it
-    (rewritten atomically; the rest of the state is left exactly as it was)."""
-    state = load_state(path)
-    state["saved"] = summary
-    save_state(path, state)
 
 
 def restore_progress(state: dict) -> Progress:
@@ -275,7 +266,7 @@ def restore_progress(state: dict) -> Progress:
     return Progress(plan=plan, epoch=state["epoch"], history=state["history"],
                     best_metric=state["best_metric"], best_loss=state["best_loss"],
                     best_epoch=state["best_epoch"], since_best=state["since_best"],
-                    best_state=state["best_weights"] or state["model"], saved=state.get("saved"))
+                    best_state=state["best_weights"] or state["model"])
 
 
 def restore_resume_point(state: dict, model, optimizer, schedule, scaler) -> None:

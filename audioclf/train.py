@@ -35,6 +35,8 @@ zero at the end of its planned epochs and is refused (start a new run). An
 The saved model. ``model.safetensors`` is written when the run finishes and is never
 replaced by one that validates worse: a finished run resumed with more epochs keeps its
 earlier model (and that model's summary) unless its new best epoch or SWA average beats it.
+The earlier model's scores are read from the training summary saved beside it in
+``model.json``, so nothing written after the model can be lost to a kill.
 
 The same code runs on one CPU, one GPU (bf16 autocast, channels_last, optional
 torch.compile), and under ``torchrun`` with DistributedDataParallel (see
@@ -66,17 +68,16 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from tqdm.auto import tqdm
 
 from audioclf.augment import MixUp, soft_target_cross_entropy
-from audioclf.checkpoint import save_checkpoint, unwrap_model
+from audioclf.checkpoint import load_checkpoint, save_checkpoint, unwrap_model
 from audioclf.config import RunConfig, TrainConfig
 from audioclf.distributed import (DistInfo, all_reduce_mean, average_batchnorm_stats, barrier,
                                   broadcast_tensors, current_info, gather_shards, init_distributed,
                                   resolve_device)
-from audioclf.errors import ConfigError
+from audioclf.errors import BundleError, ConfigError
 from audioclf.features import compute_normalization_stats
 from audioclf.optim import LRSchedule, build_optimizer
-from audioclf.rundir import (STATE_FILE, Progress, RunPlan, open_run, record_saved_model,
-                             restore_progress, restore_resume_point, save_resume_point,
-                             write_metrics_csv)
+from audioclf.rundir import (STATE_FILE, Progress, RunPlan, open_run, restore_progress,
+                             restore_resume_point, save_resume_point, write_metrics_csv)
 from audioclf.runtime import (Runtime, eval_loader, inference_runtime, make_runtime, seed_epoch,
                               steps_per_epoch, sync_batchnorm, tensorboard_writer, train_loader,
                               wrap_ddp)
@@ -491,27 +492,38 @@ def _finish(run: _Run) -> TrainResult:
     """Score the SWA average and save the better of it and the best epoch, unless the model
     an earlier finish of this run saved validates at least as well (then keep that one)."""
     progress, rt = run.progress, run.rt
+    earlier = _saved_model(run.out_dir, rt)  # read before rank 0 may write: the ranks meet in scoring first
     swa_val = _score_swa(run)  # leaves the SWA average in run.model
     best = {"accuracy": progress.best_metric, "loss": progress.best_loss}
     chosen = "swa" if swa_val is not None and _better(swa_val, best) else "best"
     if chosen == "best":
         run.model.load_state_dict(progress.best_state)
     summary = _summary(run, swa_val, chosen)
-    saved = run.out_dir / "model.safetensors"
-    earlier = progress.saved if saved.is_file() else None
-    if earlier is not None and not _better(_score(summary), _score(earlier)):
-        summary = _keep_saved(run, summary)
-    else:
-        progress.saved = summary
-        if rt.dist.is_main:
-            save_checkpoint(run.model, run.out_dir / "model", run.cfg, run.label_names,
-                            extra={"training": summary})
-            record_saved_model(run.out_dir / STATE_FILE, summary)
+    if earlier is not None and not _better(_score(summary), _score(earlier[1])):
+        summary = _keep_saved(run, *earlier, summary)
+    elif rt.dist.is_main:
+        save_checkpoint(run.model, run.out_dir / "model", run.cfg, run.label_names, extra={"training": summary})
     run.model.eval()
     barrier()
     return TrainResult(best_metric=summary["best_metric"], best_epoch=summary["best_epoch"],
                        swa_metric=summary["swa_metric"], chosen=summary["chosen"],
-                       history=progress.history, model_path=saved)
+                       history=progress.history, model_path=run.out_dir / "model.safetensors")
+
+
+def _saved_model(out_dir: Path, rt: Runtime) -> tuple[dict[str, Tensor], dict[str, Any]] | None:
+    """The weights and training summary (``model.json``: ``extra.training``) of the model an
+    earlier finish of this run saved in ``out_dir``; None when there is none, or when the
+    pair is not whole (a finish killed between its two writes: this one writes it again)."""
+    if not (out_dir / "model.safetensors").is_file():
+        return None
+    try:
+        model, meta = load_checkpoint(out_dir)
+    except BundleError as e:
+        if rt.dist.is_main:
+            logger.warning("%s; it will be replaced", e)
+        return None
+    summary = meta.get("extra", {}).get("training")
+    return (model.state_dict(), summary) if summary else None
 
 
 def _score_swa(run: _Run) -> dict[str, float] | None:
@@ -536,7 +548,7 @@ def _score_swa(run: _Run) -> dict[str, float] | None:
 
 
 def _summary(run: _Run, swa_val: dict[str, float] | None, chosen: str) -> dict[str, Any]:
-    """The training summary saved in model.json (and in the resume point, as ``saved``)."""
+    """The training summary saved in model.json (``extra.training``)."""
     progress, swa_model = run.progress, run.swa_model
     swa_epochs = int(swa_model.n_averaged) if swa_model is not None else 0
     return {"metric": "val_accuracy", "best_metric": progress.best_metric,
@@ -554,12 +566,10 @@ def _score(summary: dict[str, Any]) -> dict[str, float]:
     return {"accuracy": summary["best_metric"], "loss": summary["best_val_loss"]}
 
 
-def _keep_saved(run: _Run, candidate: dict[str, Any]) -> dict[str, Any]:
+def _keep_saved(run: _Run, weights: dict[str, Tensor], saved: dict[str, Any],
+                candidate: dict[str, Any]) -> dict[str, Any]:
     """Load the model saved before back into ``run.model``; returns its summary."""
-    from safetensors.torch import load_file
-
-    saved = run.progress.saved
-    run.model.load_state_dict(load_file(str(run.out_dir / "model.safetensors")))
+    run.model.load_state_dict(weights)
     if run.rt.dist.is_main:
         old, new = _score(saved), _score(candidate)
         logger.info("kept the model saved before (%s, validation accuracy %.4f, loss %.4f): this "
