@@ -66,14 +66,14 @@ class LRSchedule:
         cfg: scheduler, plateau factor and patience, warmup, epochs, swa_lr.
         steps_per_epoch: optimizer steps in one epoch (for the cosine schedule).
         verbose: log LR reductions (rank 0 only under torchrun).
-        epochs, plateau_patience: the epochs the cosine schedule spans and the plateau
-            patience, when they are not the ones ``cfg`` resolves to (a resumed run keeps
-            those of its first start: :class:`audioclf.rundir.RunPlan`).
+        epochs: the epochs the cosine schedule spans, when not ``cfg.epochs`` (a resumed
+            run keeps the budget of its first start: :class:`audioclf.rundir.RunPlan`).
+            A resumed plateau schedule needs nothing of the kind: :meth:`load_state_dict`
+            restores its patience with the rest of its state.
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int,
-                 verbose: bool = True, *, epochs: int | None = None,
-                 plateau_patience: int | None = None):
+                 verbose: bool = True, *, epochs: int | None = None):
         self.optimizer = optimizer
         self.verbose = verbose
         self.kind = cfg.scheduler
@@ -81,9 +81,8 @@ class LRSchedule:
         self.swa: SWALR | None = None
         self.swa_lr: float | None = None
         if self.kind == "plateau":
-            patience = cfg.resolved_plateau_patience() if plateau_patience is None else plateau_patience
             self.main = ReduceLROnPlateau(optimizer, mode="max", factor=cfg.plateau_factor,
-                                          patience=patience)
+                                          patience=cfg.resolved_plateau_patience())
         else:
             total = (cfg.epochs if epochs is None else epochs) * steps_per_epoch
             self.main = LambdaLR(optimizer, warmup_cosine(total, cfg.warmup_epochs * steps_per_epoch))

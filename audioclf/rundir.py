@@ -157,31 +157,25 @@ class RunPlan:
 
     A resumed run keeps its plan whatever ``epochs`` it is given now: a larger budget only
     extends the loop (see :mod:`audioclf.train`), so the SWA start, the cosine length and
-    the patiences do not drift. Early stopping may move ``swa_start`` and ``end_epoch``
+    the early-stopping patience do not drift (the plateau patience is kept by the LR
+    schedule's own state). Early stopping may move ``swa_start`` and ``end_epoch``
     earlier, by the same number of epochs (:func:`audioclf.train.bring_swa_forward`).
     """
 
     budget: int  # TrainConfig.epochs at the first start: the cosine schedule spans it
     end_epoch: int  # the last epoch for that budget
     swa_start: int | None  # the first averaged epoch; None: no SWA
-    plateau_patience: int
     stop_patience: int  # early stopping; an explicit early_stopping_patience on resume replaces it
 
     @classmethod
     def from_config(cls, tc: TrainConfig) -> "RunPlan":
         return cls(budget=tc.epochs, end_epoch=tc.epochs, swa_start=tc.resolved_swa_start(),
-                   plateau_patience=tc.resolved_plateau_patience(),
                    stop_patience=tc.resolved_early_stopping_patience())
 
     def last_epoch(self, epochs: int) -> int:
         """The last epoch to train when the budget is now ``epochs``: the planned end, moved
         by as many epochs as the budget was changed."""
         return self.end_epoch + epochs - self.budget
-
-    @property
-    def swa_epochs(self) -> int | None:
-        """How many epochs the SWA phase averages, for the planned budget."""
-        return None if self.swa_start is None else self.end_epoch - self.swa_start + 1
 
 
 @dataclass
@@ -261,8 +255,8 @@ def restore_progress(state: dict) -> Progress:
                           f"(1 to {STATE_VERSION}); start a new run (--overwrite)")
     if version == 1:
         plan = RunPlan.from_config(RunConfig.from_dict(state["run"]["config"]).train)
-    else:
-        plan = RunPlan(**state["plan"])
+    else:  # an earlier version 2 also kept the plateau patience, which the schedule's state holds
+        plan = RunPlan(**{k: v for k, v in state["plan"].items() if k != "plateau_patience"})
     return Progress(plan=plan, epoch=state["epoch"], history=state["history"],
                     best_metric=state["best_metric"], best_loss=state["best_loss"],
                     best_epoch=state["best_epoch"], since_best=state["since_best"],

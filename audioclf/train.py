@@ -25,7 +25,8 @@ and patience 6, a run whose last improvement was epoch 5 averages epochs 12-17 a
 
 The plan. What derives from the epoch budget (the SWA start, the last epoch, the cosine
 length, both patiences) is resolved once, at the run's first start, and kept in the
-resume point (:class:`~audioclf.rundir.RunPlan`, with the SWA start actually used). A run
+resume point (:class:`~audioclf.rundir.RunPlan`, with the SWA start actually used; the
+plateau patience in the LR schedule's own state). A run
 resumed with another ``epochs`` keeps its plan, and the change only moves its end by as
 many epochs: a plateau run continues at its current learning rate; an SWA run averages
 the extra epochs too, at the SWA learning rate; a cosine run without SWA has annealed to
@@ -177,7 +178,7 @@ class _Run:
     generators: list[torch.Generator]
     train_set: Dataset
     val_loader: DataLoader
-    progress: Progress  # with progress.plan: the SWA start, the end, the patiences
+    progress: Progress  # with progress.plan: the SWA start, the end, the early-stopping patience
     writer: Any
 
 
@@ -210,7 +211,7 @@ def _prepare(model, train_set, val_set, cfg: RunConfig, out_dir: Path, label_nam
 
     optimizer = build_optimizer(model, tc)
     schedule = LRSchedule(optimizer, tc, steps_per_epoch(len(train_set), rt), verbose=info.is_main,
-                          epochs=progress.plan.budget, plateau_patience=progress.plan.plateau_patience)
+                          epochs=progress.plan.budget)
     if state is not None:
         restore_resume_point(state, model, optimizer, schedule, rt.scaler)
     # AveragedModel copies the model: after the restore

@@ -161,8 +161,9 @@ def test_resume_states_of_version_1_get_the_plan_their_config_resolves_to():
     assert progress.plan == RunPlan.from_config(TrainConfig(epochs=20, swa_start=0.7))
     assert (progress.plan.swa_start, progress.plan.end_epoch) == (15, 20)
     assert progress.best_state is weights
-    # a version-2 state that also kept the saved model's summary (no longer used) still loads
-    plan = dataclasses.asdict(progress.plan)
+    # a version-2 state that also kept the saved model's summary and the plateau patience
+    # (no longer used) still loads
+    plan = {**dataclasses.asdict(progress.plan), "plateau_patience": 2}
     assert restore_progress({**old, "version": 2, "plan": plan, "saved": {"chosen": "swa"}}).plan == progress.plan
     with pytest.raises(ConfigError, match="resume state version 9 is not one this audioclf reads"):
         restore_progress({**old, "version": 9})

@@ -192,17 +192,16 @@ def test_swa_average_is_the_mean_of_the_epoch_weights(tmp_path):
 
 
 def test_early_stopping_brings_swa_forward_for_its_planned_length():
-    plan = RunPlan(budget=20, end_epoch=20, swa_start=15, plateau_patience=2, stop_patience=6)
+    plan = RunPlan(budget=20, end_epoch=20, swa_start=15, stop_patience=6)
     progress = Progress(plan=plan, since_best=5)
     assert not bring_swa_forward(progress, 10) and plan.swa_start == 15  # patience not yet spent
     progress.since_best = 6
     assert bring_swa_forward(progress, 11) and (plan.swa_start, plan.end_epoch) == (12, 17)
-    assert plan.swa_epochs == 6 and plan.last_epoch(20) == 17 and plan.last_epoch(25) == 22
+    assert plan.last_epoch(20) == 17 and plan.last_epoch(25) == 22  # 6 SWA epochs, as planned
     assert not early_stopping(progress)  # with SWA the run goes on, and SWA is never cut short
     progress.since_best = 9
     assert not bring_swa_forward(progress, 13) and (plan.swa_start, plan.end_epoch) == (12, 17)
-    no_swa = Progress(plan=RunPlan(budget=20, end_epoch=20, swa_start=None, plateau_patience=2,
-                                   stop_patience=6), since_best=6)
+    no_swa = Progress(plan=RunPlan(budget=20, end_epoch=20, swa_start=None, stop_patience=6), since_best=6)
     assert not bring_swa_forward(no_swa, 11) and early_stopping(no_swa)
 
 
@@ -296,8 +295,8 @@ def test_resume_with_more_epochs_keeps_the_plan_of_the_first_start(tmp_path):
     assert [row["swa"] for row in result.history] == [False] + [True] * 6
     state = load_state(tmp_path / "state.safetensors")
     assert int(state["swa"]["n_averaged"]) == 6
-    assert state["plan"] == {"budget": 2, "end_epoch": 2, "swa_start": 2, "plateau_patience": 1,
-                             "stop_patience": 5}
+    assert state["plan"] == {"budget": 2, "end_epoch": 2, "swa_start": 2, "stop_patience": 5}
+    assert state["schedule"]["main"]["patience"] == 1  # the plateau patience lives in the schedule's state
 
 
 def test_a_cosine_run_without_swa_is_not_extended(tmp_path):
