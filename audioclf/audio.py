@@ -27,8 +27,8 @@ import torch
 
 from audioclf.errors import AudioError
 
-__all__ = ["load_audio", "resample", "fix_length", "placement", "check_sample_rate", "MAX_SAMPLE_RATE",
-           "DECODER_ID"]
+__all__ = ["load_audio", "resample", "resampled_length", "fix_length", "placement", "check_sample_rate",
+           "MAX_SAMPLE_RATE", "DECODER_ID"]
 
 logger = logging.getLogger(__name__)
 
@@ -81,13 +81,15 @@ def load_audio(
     if mono:
         waveform = waveform.mean(dim=0)  # (C, N) -> (N,)
     if sample_rate is not None and sample_rate != file_rate:
-        n = waveform.shape[-1]
-        waveform = resample(waveform, file_rate, sample_rate)
-        if waveform.shape[-1] == 0:
-            raise AudioError(f"{path}: too short to resample: {n} samples at {file_rate} Hz "
-                             f"are none at {sample_rate} Hz")
-        return waveform, sample_rate
+        check_resampled_length(path, waveform.shape[-1], file_rate, sample_rate)
+        return resample(waveform, file_rate, sample_rate), sample_rate
     return waveform, file_rate
+
+
+def check_resampled_length(path: Path, n: int, orig_sr: int, new_sr: int) -> None:
+    """Raise AudioError when ``n`` samples of ``path`` are none at the new rate."""
+    if resampled_length(n, orig_sr, new_sr) == 0:
+        raise AudioError(f"{path}: too short to resample: {n} samples at {orig_sr} Hz are none at {new_sr} Hz")
 
 
 def check_sample_rate(rate: int, what: str = "sample_rate") -> None:
@@ -170,9 +172,10 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
         new_sr: the wanted rate (Hz).
 
     Returns:
-        (..., M) float32 tensor: ``M = N * new_sr / orig_sr`` rounded half up on CPU
-        (soxr), rounded up on other devices (torchaudio). A few samples taken to a much
-        lower rate can give ``M = 0``; :func:`load_audio` reports that as an AudioError.
+        (..., M) float32 tensor: on CPU (soxr) ``M = resampled_length(N, orig_sr, new_sr)``,
+        ``N * new_sr / orig_sr`` rounded half up; on other devices (torchaudio) rounded up.
+        A few samples taken to a much lower rate can give ``M = 0``; :func:`load_audio`
+        reports that as an AudioError.
 
     Raises:
         AudioError: a rate outside (0, 1 MHz].
@@ -189,6 +192,16 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
     x = waveform.detach().to(torch.float32).reshape(-1, waveform.shape[-1]).numpy()  # (..., N) -> (C, N)
     y = soxr.resample(np.ascontiguousarray(x.T), orig_sr, new_sr, quality=_SOXR_QUALITY)  # (N, C) -> (M, C)
     return torch.from_numpy(np.ascontiguousarray(y.T)).reshape(*lead, -1)  # (C, M) -> (..., M)
+
+
+def resampled_length(n: int, orig_sr: int, new_sr: int) -> int:
+    """How many samples :func:`resample` returns on CPU for ``n`` samples: ``n * new_sr /
+    orig_sr`` rounded half up, as soxr rounds (1001 samples at 44.1 kHz are 363 at 16 kHz).
+
+    What a file streamed in spans (:mod:`audioclf.predict`) must have to match the same
+    file resampled whole (:func:`load_audio`, the waveform cache).
+    """
+    return (2 * n * new_sr + orig_sr) // (2 * orig_sr)
 
 
 def fix_length(

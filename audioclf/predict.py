@@ -315,7 +315,7 @@ class _FileReader:
     def __init__(self, path: Path, rate: int):
         import soundfile as sf
 
-        from audioclf.audio import _check_complete
+        from audioclf.audio import _check_complete, check_resampled_length, resampled_length
 
         if not path.exists():
             raise AudioError(f"{path}: no such file")
@@ -336,7 +336,8 @@ class _FileReader:
         self.path, self.rate, self.file_rate, self.frames = path, rate, info.samplerate, info.frames
         g = math.gcd(self.file_rate, rate)
         self.p_in, self.p_out = self.file_rate // g, rate // g  # samples per resampling period
-        self.n_samples = -(-self.frames * rate // self.file_rate)  # ceil, as whole-file resampling
+        check_resampled_length(path, self.frames, self.file_rate, rate)
+        self.n_samples = resampled_length(self.frames, self.file_rate, rate)  # as whole-file resampling
         self.margin = math.ceil(self.MARGIN_SECONDS * self.file_rate / self.p_in)  # in periods
 
     def _read_frames(self, start: int, stop: int) -> np.ndarray:
@@ -365,6 +366,6 @@ class _FileReader:
             y = resample(x, self.file_rate, self.rate)  # output sample 0 is sample first*p_out overall
             offset = start - first * self.p_out
             out = y[offset:offset + (stop - start)]
-        if len(out) < stop - start:  # the final ceil sample(s) of the file
+        if len(out) < stop - start:  # past the last sample the file gave
             out = torch.cat([out, out.new_zeros(stop - start - len(out))])
         return out

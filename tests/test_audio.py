@@ -10,7 +10,7 @@ import pytest
 import soundfile as sf
 import torch
 
-from audioclf.audio import _check_complete, fix_length, load_audio, resample
+from audioclf.audio import _check_complete, fix_length, load_audio, resample, resampled_length
 from audioclf.errors import AudioError
 
 RAMP = np.array([-1.0, -0.5, 0.0, 0.5], dtype=np.float32)
@@ -102,6 +102,16 @@ def test_resample_is_batch_consistent():
     y = resample(x, 8000, 11025)
     assert y.shape[:2] == (3, 2)
     torch.testing.assert_close(y[1, 0], resample(x[1, 0], 8000, 11025))
+
+
+@pytest.mark.parametrize("orig, new", [(44100, 16000), (16000, 8000), (8000, 16000), (11025, 8000),
+                                       (48000, 44100), (22050, 32000), (8000, 44100), (3, 7)])
+def test_resampled_length_is_what_resample_returns(orig, new):
+    """Rounded half up as soxr rounds (16 kHz -> 8 kHz: 7 samples give 4), not up."""
+    for n in [*range(1, 400), 1001, 4321, 44101]:
+        assert resampled_length(n, orig, new) == resample(torch.zeros(n), orig, new).shape[-1], n
+    assert resampled_length(1001, 44100, 16000) == 363  # ceil would say 364
+    assert resampled_length(7, 16000, 8000) == 4
 
 
 # --- bad inputs: one test each ----------------------------------------------------------

@@ -240,10 +240,24 @@ def test_bundle_predicts_and_evaluates(tone_run, tmp_path):
     assert (tmp_path / "eval" / "report.md").is_file() and (tmp_path / "eval" / "confusion.png").is_file()
 
 
-def test_evaluate_on_the_test_set_reproduces_the_cv_ensemble_scores(tone_run, tmp_path):
+@pytest.fixture(scope="module")
+def resampled_run(tmp_path_factory):
+    """tone_run's kind of run on clips written at 11025 Hz for 8 kHz models: the CV caches
+    whole files resampled, evaluate and predict stream them."""
+    from audioclf.crossval import cross_validate
+    from audioclf.manifest import read_manifest
+
+    root = tmp_path_factory.mktemp("tones-11k")
+    full = read_manifest(write_tone_dataset(root / "data", n_per_class=10, n_groups=5, sample_rate=11025))
+    manifest, holdout = split_holdout_groups(full, 1, seed=0)
+    return manifest, cross_validate(manifest, RunConfig.from_dict(TINY), root / "run", test_manifest=holdout), holdout
+
+
+@pytest.mark.parametrize("run", ["tone_run", "resampled_run"])
+def test_evaluate_on_the_test_set_reproduces_the_cv_ensemble_scores(run, request, tmp_path):
     from audioclf.report import evaluate_bundle
 
-    *_, result, _, holdout = tone_run
+    _, result, *_, holdout = request.getfixturevalue(run)
     test = result.report["ensemble_test"]
     report = evaluate_bundle(result.bundle_dir, holdout, tmp_path / "eval", device="cpu")
     # Same clips, windows, TTA shifts, rule and aggregate: predict's path and the CV's agree.
