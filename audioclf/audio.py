@@ -146,10 +146,15 @@ def _check_complete(path: Path, decoded: int, declared: int, log: str, fmt: str)
                              f"only {m['present']} present")
     if "ended unexpectedly" in log:  # Ogg without its end-of-stream page
         raise AudioError(f"{path}: truncated file: the stream ends without its final page")
-    expected = int(_MP3_TOLERANCE * declared) if fmt == "MP3" else declared
-    if decoded < expected:
+    if decoded < frames_required(declared, fmt):
         raise AudioError(f"{path}: truncated file: header declares {declared} samples, "
                          f"only {decoded} could be decoded")
+
+
+def frames_required(declared: int, fmt: str) -> int:
+    """How many of the ``declared`` frames must decode for a file to count as complete: all,
+    or 90% for an MP3 (soundfile's ``format`` "MP3"), whose count may be an estimate from its bit rate."""
+    return int(_MP3_TOLERANCE * declared) if fmt == "MP3" else declared
 
 
 def _check_finite(data: np.ndarray, path: Path) -> None:

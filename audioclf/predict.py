@@ -315,7 +315,7 @@ class _FileReader:
     def __init__(self, path: Path, rate: int):
         import soundfile as sf
 
-        from audioclf.audio import _check_complete, check_resampled_length, resampled_length
+        from audioclf.audio import _check_complete, check_resampled_length, frames_required, resampled_length
 
         if not path.exists():
             raise AudioError(f"{path}: no such file")
@@ -334,6 +334,7 @@ class _FileReader:
         # spans read later are checked against the declared length in _read_frames.
         _check_complete(path, info.frames, info.frames, info.extra_info, info.format)
         self.path, self.rate, self.file_rate, self.frames = path, rate, info.samplerate, info.frames
+        self.required = frames_required(info.frames, info.format)  # an MP3's count may be an estimate
         g = math.gcd(self.file_rate, rate)
         self.p_in, self.p_out = self.file_rate // g, rate // g  # samples per resampling period
         check_resampled_length(path, self.frames, self.file_rate, rate)
@@ -348,7 +349,7 @@ class _FileReader:
         except (sf.LibsndfileError, RuntimeError) as e:
             raise AudioError(f"{self.path}: cannot decode audio at samples {start}-{stop} "
                              f"({getattr(e, 'error_string', e)})") from None
-        if len(data) < stop - start:
+        if len(data) < stop - start and start + len(data) < self.required:  # as load_audio allows
             raise AudioError(f"{self.path}: truncated file: the header declares {self.frames} samples, "
                              f"decoding stopped at {start + len(data)}")
         return data.mean(axis=1)  # (n, C) -> (n,)
@@ -366,6 +367,6 @@ class _FileReader:
             y = resample(x, self.file_rate, self.rate)  # output sample 0 is sample first*p_out overall
             offset = start - first * self.p_out
             out = y[offset:offset + (stop - start)]
-        if len(out) < stop - start:  # past the last sample the file gave
+        if len(out) < stop - start:  # past the end of an MP3 whose frame count was an estimate
             out = torch.cat([out, out.new_zeros(stop - start - len(out))])
         return out

@@ -86,6 +86,27 @@ def test_bad_files_are_reported_and_the_others_still_predicted(tmp_path):
     assert results[0].to_dict() == {"source": str(tmp_path / "missing.wav"), "error": results[0].error}
 
 
+@pytest.mark.parametrize("declared, readable", [(26000, True), (32000, False)])
+def test_an_mp3_frame_count_is_an_estimate_as_load_audio_allows(tmp_path, monkeypatch, declared, readable):
+    """24000 frames decode: an MP3 header's estimate of 26000 is within load_audio's 10%, so
+    the file is scored (the missing end padded); 32000 is not, so it is truncated."""
+    path = tmp_path / "x.wav"
+    sf.write(path, np.full(3 * SR, 0.5, dtype=np.float32), SR)
+    real_info = sf.info
+
+    def mp3_estimate(file):
+        info = real_info(file)
+        info.frames, info.format = declared, "MP3"
+        return info
+
+    monkeypatch.setattr(sf, "info", mp3_estimate)
+    [result] = predictor().predict([path])
+    if readable:
+        assert result.error is None and result.top[0][0] == "loud"
+    else:
+        assert "truncated file: the header declares 32000 samples, decoding stopped at 24000" in result.error
+
+
 def test_streamed_spans_match_whole_file_resampling(tmp_path):
     rate = 11025
     x = (0.3 * np.sin(2 * np.pi * 440 * np.arange(3 * rate) / rate)).astype(np.float32)
