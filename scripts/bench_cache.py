@@ -5,18 +5,20 @@ decodes and resamples every file and writes the cache; the second opens the fini
 as a new run would (hashing the manifest, checking the cache) and reads every waveform.
 
     python scripts/bench_cache.py [--fsdd DIR] [--sample-rate 16000] [--workers 0]
+
+FSDD is found as the recipes find it (``$AUDIOCLF_FSDD_DIR``, else ``../shared/datasets/fsdd``).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 from audioclf.data import WaveformCache
+from audioclf.datasets import default_fsdd_dir
 from audioclf.manifest import build_manifest
 
 
@@ -28,12 +30,14 @@ def read_all(cache: WaveformCache) -> float:
 
 
 def main() -> int:
-    default = os.environ.get("AUDIOCLF_FSDD_DIR") or Path(__file__).resolve().parents[2] / "shared/datasets/fsdd"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--fsdd", default=default, help="FSDD folder (default: $AUDIOCLF_FSDD_DIR)")
+    parser.add_argument("--fsdd", type=Path, default=default_fsdd_dir(),
+                        help="FSDD folder (default: $AUDIOCLF_FSDD_DIR, else ../shared/datasets/fsdd)")
     parser.add_argument("--sample-rate", type=int, default=16000, help="cache rate (FSDD is 8 kHz)")
     parser.add_argument("--workers", type=int, default=0, help="decoding processes for the first pass")
     args = parser.parse_args()
+    if args.fsdd is None:
+        parser.error("FSDD not found: pass --fsdd DIR or set AUDIOCLF_FSDD_DIR")
 
     manifest = build_manifest("fsdd", args.fsdd)
     with tempfile.TemporaryDirectory() as cache_dir:

@@ -1,25 +1,22 @@
-import os
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def find_fsdd() -> Path | None:
-    """AUDIOCLF_FSDD_DIR, else ../shared/datasets/fsdd beside the checkout."""
-    candidates = [os.environ.get("AUDIOCLF_FSDD_DIR"), REPO.parent / "shared" / "datasets" / "fsdd"]
-    for c in candidates:
-        if c and (Path(c) / "recordings").is_dir():
-            return Path(c)
-    return None
-
 
 @pytest.fixture(scope="session")
 def fsdd_dir() -> Path:
-    path = find_fsdd()
+    """The real FSDD, found as the recipes find it (:func:`audioclf.datasets.default_fsdd_dir`).
+
+    Absent: the test skips. Named by ``AUDIOCLF_FSDD_DIR`` but not there: the test fails
+    (CI sets the variable, and must not pass without the data).
+    """
+    from audioclf.datasets import default_fsdd_dir
+
+    path = default_fsdd_dir()
     if path is None:
         pytest.skip("FSDD not found: set AUDIOCLF_FSDD_DIR or place it at ../shared/datasets/fsdd")
+    if not (path / "recordings").is_dir():
+        pytest.fail(f"AUDIOCLF_FSDD_DIR={path} holds no FSDD copy (no recordings/ folder)", pytrace=False)
     return path
 
 

@@ -198,6 +198,21 @@ def test_a_wrong_fsdd_dir_in_the_environment_is_reported_not_replaced(tmp_path, 
     assert f"{tmp_path / 'typo'}: does not exist; expected Free Spoken Digit Dataset" in err.getvalue()
 
 
+def test_real_data_tests_fail_when_the_environment_names_a_missing_fsdd(tmp_path):
+    """They find FSDD as the recipes do: the named folder is used, and its absence is an
+    error, not a skip (CI sets the variable and must not pass without the data)."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "AUDIOCLF_FSDD_DIR": str(tmp_path / "typo")}
+    test = "tests/test_data_manifests.py::test_fsdd_manifest_is_what_the_builder_writes"
+    done = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", test], cwd=REPO,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1, done.stdout
+    assert f"AUDIOCLF_FSDD_DIR={tmp_path / 'typo'} holds no FSDD copy" in done.stdout
+
+
 def test_recipe_download_from_a_mirror_then_builds_the_manifest(tmp_path, archives, monkeypatch):
     """``--download --url``: fetched, verified and unpacked before the manifest is built (the run
     then stops on a cheap error of its own: 5 official folds cannot be joined into 9)."""
