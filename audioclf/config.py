@@ -210,7 +210,8 @@ class TrainConfig:
     ``epochs`` (see :meth:`resolved_plateau_patience`): generous, so a noisy validation
     metric does not cut the learning rate or the run too early.
     ``swa_start`` is the epoch (1-based) from which weights are averaged, or a float in
-    (0, 1) as a fraction of ``epochs``; None disables SWA.
+    (0, 1) as a fraction of ``epochs``; None disables SWA. A whole float from 1 up is that
+    epoch (TOML ``swa_start = 3.0`` and ``--swa-start 3`` are epoch 3); 2.7 is neither.
     """
 
     epochs: int = 30
@@ -250,9 +251,11 @@ class TrainConfig:
         if self.early_stopping_patience is not None:
             _check(self.early_stopping_patience >= 1, "early_stopping_patience",
                    self.early_stopping_patience, ">= 1")
+        if isinstance(self.swa_start, float) and self.swa_start >= 1 and self.swa_start.is_integer():
+            object.__setattr__(self, "swa_start", int(self.swa_start))
         if isinstance(self.swa_start, float):
             _check(0 < self.swa_start < 1, "swa_start", self.swa_start,
-                   "an epoch (int) or a fraction of epochs in (0, 1) (float)")
+                   "an epoch (a whole number >= 1) or a fraction of the epochs in (0, 1)")
         elif self.swa_start is not None:
             _check(1 <= self.swa_start <= self.epochs, "swa_start", self.swa_start,
                    f"an epoch in [1, epochs={self.epochs}]")

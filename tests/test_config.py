@@ -86,14 +86,22 @@ def test_cli_options_override_the_config_file(tmp_path):
 
 
 @pytest.mark.parametrize("given, expected", [("3", 3), ("3.0", 3), ("0.5", 0.5), ("2.7", None)])
-def test_swa_start_option_is_an_epoch_or_a_fraction(given, expected):
+@pytest.mark.parametrize("source", ["--swa-start", "toml"])
+def test_swa_start_is_an_epoch_or_a_fraction_alike_from_the_command_line_and_a_file(tmp_path, source, given,
+                                                                                      expected):
     import argparse
 
     parser = argparse.ArgumentParser()
     add_run_options(parser)
-    args = parser.parse_args(["--manifest", "m.csv", "--out", "o", "--swa-start", given])
+    argv = ["--manifest", "m.csv", "--out", "o"]
+    if source == "toml":
+        (tmp_path / "run.toml").write_text(f"[train]\nswa_start = {given}\n")
+        argv += ["--config", str(tmp_path / "run.toml")]
+    else:
+        argv += ["--swa-start", given]
+    args = parser.parse_args(argv)
     if expected is None:  # 2.7 used to become epoch 2 without a word
-        with pytest.raises(ConfigError, match=r"--swa-start must be an epoch .* \(2.7 given\)"):
+        with pytest.raises(ConfigError, match=r"swa_start must be an epoch \(a whole number >= 1\) .* \(2.7 given\)"):
             run_config_from_args(args)
     else:
         value = run_config_from_args(args).train.swa_start

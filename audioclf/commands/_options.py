@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 
 from audioclf.config import RunConfig, load_config_file
-from audioclf.errors import ConfigError
 
 # (flag, section, field, type, help)
 _OPTIONS: list[tuple[str, str, str, object, str]] = [
@@ -76,8 +75,6 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     for flag, section, name, _typ, _help in _OPTIONS:
         value = getattr(args, flag.lstrip("-").replace("-", "_"))
         if value is not None:
-            if name == "swa_start":
-                value = _swa_start(value)
             overrides.setdefault(section, {})[name] = value
     if args.no_swa:
         overrides.setdefault("train", {})["swa_start"] = None
@@ -89,13 +86,3 @@ def run_config_from_args(args: argparse.Namespace) -> RunConfig:
     for section, values in overrides.items():
         merged.setdefault(section, {}).update(values)
     return RunConfig.from_dict(merged, source=source)
-
-
-def _swa_start(value: float) -> int | float:
-    """``--swa-start``: 3 is epoch 3, 0.75 a fraction of the epochs; 2.7 is neither."""
-    if value < 1:
-        return value
-    if value != int(value):
-        raise ConfigError(f"--swa-start must be an epoch (a whole number >= 1) or a fraction of "
-                          f"the epochs in (0, 1) ({value:g} given)")
-    return int(value)
