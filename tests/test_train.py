@@ -372,9 +372,32 @@ def test_resume_accepts_a_run_saved_before_a_config_field_existed(tmp_path):
         check_same_run(older, changed, tmp_path / "state.safetensors")
 
 
-def test_scoring_follows_the_amp_setting():
+def test_scoring_follows_the_amp_setting(monkeypatch):
+    """predict_proba hands ``amp`` to its runtime, which autocasts on CUDA only when it is
+    set (bf16 support is faked, so the choice is checked without a GPU)."""
+    import audioclf.train as train
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: True)
+    assert inference_runtime(torch.device("cuda"), DistInfo(), 4, amp=True).amp_dtype == torch.bfloat16
     assert inference_runtime(torch.device("cuda"), DistInfo(), 4, amp=False).amp_dtype is None
-    assert inference_runtime(torch.device("cpu"), DistInfo(), 4).amp_dtype is None
+    assert inference_runtime(torch.device("cpu"), DistInfo(), 4, amp=True).amp_dtype is None
+    asked = []
+    real = train.inference_runtime
+    monkeypatch.setattr(train, "inference_runtime", lambda *args, amp: asked.append(amp) or real(*args, amp=amp))
+    model = build_model(config(), 3)
+    predict_proba(model, Tones(1, 4), batch_size=4, amp=False)
+    predict_proba(model, Tones(1, 4), batch_size=4)
+    assert asked == [False, True]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("amp", [True, False])
+def test_scoring_on_cuda_autocasts_as_the_amp_setting_says(amp):
+    model = build_model(config(), 3)
+    seen = []
+    model.backbone.register_forward_pre_hook(lambda module, inputs: seen.append(torch.is_autocast_enabled("cuda")))
+    predict_proba(model, Tones(1, 4), batch_size=4, device="cuda", amp=amp)
+    assert seen and set(seen) == {amp and torch.cuda.is_bf16_supported()}
 
 
 def test_overwrite_replaces_a_run(tmp_path):
