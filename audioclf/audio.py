@@ -16,6 +16,7 @@ default passed it at -14 dB). Tensors on an accelerator are resampled with torch
 from __future__ import annotations
 
 import logging
+import math
 import os
 import re
 from pathlib import Path
@@ -178,7 +179,7 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
 
     Returns:
         (..., M) float32 tensor: on CPU (soxr) ``M = resampled_length(N, orig_sr, new_sr)``,
-        ``N * new_sr / orig_sr`` rounded half up; on other devices (torchaudio) rounded up.
+        ``N * new_sr / orig_sr`` rounded to the nearest; on other devices (torchaudio) rounded up.
         A few samples taken to a much lower rate can give ``M = 0``; :func:`load_audio`
         reports that as an AudioError.
 
@@ -201,12 +202,15 @@ def resample(waveform: torch.Tensor, orig_sr: int, new_sr: int) -> torch.Tensor:
 
 def resampled_length(n: int, orig_sr: int, new_sr: int) -> int:
     """How many samples :func:`resample` returns on CPU for ``n`` samples: ``n * new_sr /
-    orig_sr`` rounded half up, as soxr rounds (1001 samples at 44.1 kHz are 363 at 16 kHz).
+    orig_sr`` rounded to the nearest (1001 samples at 44.1 kHz are 363 at 16 kHz, not the
+    364 of rounding up).
 
-    What a file streamed in spans (:mod:`audioclf.predict`) must have to match the same
-    file resampled whole (:func:`load_audio`, the waveform cache).
+    Computed as soxr computes it, in floating point through the rate ratio, so an exact
+    half goes whichever way that rounding takes it (240 samples at 48 kHz are 220 at
+    44.1 kHz, 80 are 74). What a file streamed in spans (:mod:`audioclf.predict`) must
+    have to match the same file resampled whole (:func:`load_audio`, the waveform cache).
     """
-    return (2 * n * new_sr + orig_sr) // (2 * orig_sr)
+    return math.floor(n / (orig_sr / new_sr) + 0.5)
 
 
 def fix_length(

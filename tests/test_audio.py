@@ -107,11 +107,12 @@ def test_resample_is_batch_consistent():
 @pytest.mark.parametrize("orig, new", [(44100, 16000), (16000, 8000), (8000, 16000), (11025, 8000),
                                        (48000, 44100), (22050, 32000), (8000, 44100), (3, 7)])
 def test_resampled_length_is_what_resample_returns(orig, new):
-    """Rounded half up as soxr rounds (16 kHz -> 8 kHz: 7 samples give 4), not up."""
-    for n in [*range(1, 400), 1001, 4321, 44101]:
+    """Rounded to the nearest as soxr rounds, halves included (48 kHz -> 44.1 kHz: 240 samples
+    give 220, 80 give 74), not up."""
+    for n in [*range(1, 400), 1001, 1040, 1200, 4321, 44101, 123457]:
         assert resampled_length(n, orig, new) == resample(torch.zeros(n), orig, new).shape[-1], n
     assert resampled_length(1001, 44100, 16000) == 363  # ceil would say 364
-    assert resampled_length(7, 16000, 8000) == 4
+    assert (resampled_length(240, 48000, 44100), resampled_length(80, 48000, 44100)) == (220, 74)
 
 
 # --- bad inputs: one test each ----------------------------------------------------------
