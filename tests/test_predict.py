@@ -391,11 +391,20 @@ def test_cli_evaluate_reports_unreadable_files_scores_the_rest_and_exits_1(tiny_
     assert report["n_clips"] == 2 and report["n_failed"] == 2
     assert [f["path"] for f in report["failed"]] == [str(tmp_path / "gone.wav"), str(tmp_path / "broken.wav")]
     assert np.array(report["confusion_matrix"]).sum() == 2
-    # The long clip is scored through sliding windows, as `audioclf predict` scores it.
-    [long] = Predictor.from_bundle(tiny_bundle, device="cpu").predict([clips / "long.wav"])
+    # The long clip is scored as `audioclf predict` scores it: the mean of its 0.5 s windows
+    # every 0.25 s (each window: the fold models x TTA views), not one centre crop.
+    from audioclf.audio import load_audio
+
     with open(tmp_path / "eval" / "predictions.csv") as f:
         rows = list(csv.DictReader(f))
-    assert [float(rows[1][f"p_{n}"]) for n in LABELS] == pytest.approx(long.probs.tolist(), abs=1e-6)
+    scored = np.array([float(rows[1][f"p_{n}"]) for n in LABELS])
+    p = Predictor.from_bundle(tiny_bundle, device="cpu")
+    wave, _ = load_audio(clips / "long.wav", SR)  # 2 s, mixed to mono, at the bundle's rate
+    win = SR // 2
+    windows = torch.stack([wave[s:s + win] for s in window_starts(len(wave), win, win // 2)])  # (7, win)
+    np.testing.assert_allclose(scored, p.predict_batch(windows).mean(axis=0), rtol=0, atol=1e-5)
+    centre = p.predict_batch(fix_length(wave, win)[None])[0]
+    assert np.abs(scored - centre).max() > 1e-3
     assert rows[2]["predicted"] == "" and "no such file" in rows[2]["error"]
     md = (tmp_path / "eval" / "report.md").read_text()
     assert "2 file(s) could not be read" in md and "sliding windows" in md
