@@ -68,14 +68,27 @@ def test_missing_rendezvous_is_a_clear_error_not_a_hang(monkeypatch):
     assert not torch.distributed.is_initialized()
 
 
-def test_each_rank_draws_its_own_random_streams():
-    """MixUp, SpecAugment, time and frequency shift and dropout draw per (seed, rank, epoch):
-    the same triple replays the same draws, another rank or epoch gets other draws."""
+def test_each_rank_draws_its_own_random_streams(tmp_path, monkeypatch):
+    """fit() gives MixUp and every augmentation of the model (speed, time and frequency shift,
+    SpecAugment) a stream of its own, re-seeded with dropout's per (seed, rank, epoch): the
+    same triple replays the same draws, another rank or epoch gets other draws."""
+    import audioclf.train as train
+    from audioclf.model import build_model
+
+    runs = []
+    real_epoch = train._run_epoch
+    monkeypatch.setattr(train, "_run_epoch", lambda run, epoch: runs.append(run) or real_epoch(run, epoch))
+    cfg = config(AugmentConfig(time_shift=0.1, freq_shift=2, speed_perturb=0.1, freq_mask_width=4), epochs=1)
+    model = build_model(cfg, len(LABELS))
+    train.fit(model, Tones(2, 1), Tones(1, 2), cfg, tmp_path, label_names=LABELS)
+    run = runs[0]
+    streams = [run.mixup.generator] + [m.generator for m in model.augmentations()]
+    assert all(isinstance(g, torch.Generator) for g in streams)
+    assert sorted(map(id, streams)) == sorted(map(id, run.generators))  # one each, every one re-seeded
 
     def draws(seed, rank, epoch):
-        generators = [torch.Generator() for _ in range(4)]
-        seed_epoch(seed, rank, epoch, generators)
-        return [torch.rand(4, generator=g) for g in generators] + [torch.rand(4)]  # + dropout's
+        seed_epoch(seed, rank, epoch, run.generators)
+        return [torch.rand(4, generator=g) for g in streams] + [torch.rand(4)]  # + dropout's
 
     first = draws(0, 0, 1)
     assert all(torch.equal(a, b) for a, b in zip(first, draws(0, 0, 1)))
