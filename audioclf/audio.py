@@ -99,14 +99,19 @@ def check_sample_rate(rate: int, what: str = "sample_rate") -> None:
         raise AudioError(f"{what} must be an integer in (0, {MAX_SAMPLE_RATE}] Hz ({rate!r} given)")
 
 
-def _decode(path: Path) -> tuple[np.ndarray, int]:
-    """Decode a whole file to float32 of shape (N, C); every failure becomes an AudioError."""
+def check_file(path: Path) -> None:
+    """Raise AudioError unless ``path`` is a non-empty file (before any decoder sees it)."""
     if not path.exists():
         raise AudioError(f"{path}: no such file")
     if path.is_dir():
         raise AudioError(f"{path}: is a directory, expected an audio file")
     if path.stat().st_size == 0:
         raise AudioError(f"{path}: empty file (0 bytes)")
+
+
+def _decode(path: Path) -> tuple[np.ndarray, int]:
+    """Decode a whole file to float32 of shape (N, C); every failure becomes an AudioError."""
+    check_file(path)
     if path.suffix.lower() == ".raw":  # soundfile would ask for the rate, channels and subtype
         raise AudioError(f"{path}: headerless RAW audio does not say its sample rate, channels or "
                          "sample format; convert it to WAV or FLAC")

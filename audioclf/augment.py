@@ -9,7 +9,6 @@ so a seed gives the same augmentation on CPU and CUDA.
 
 from __future__ import annotations
 
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -17,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from audioclf._checks import is_int, is_real, require
 from audioclf.config import AugmentConfig
 
 __all__ = [
@@ -32,21 +32,6 @@ __all__ = [
     "speed_perturb",
     "soft_target_cross_entropy",
 ]
-
-
-def _require(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed} ({value!r} given)")
-
-
-def _is_int(value) -> bool:
-    """Python or numpy integers (bool excluded)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    """Python or numpy real numbers (bool excluded), so comparisons cannot raise TypeError."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _rand(shape: tuple[int, ...], generator: torch.Generator | None, device) -> Tensor:
@@ -94,20 +79,20 @@ class SpecAugment(nn.Module):
                  time_mask_width: int | float = 0.1, p: float = 1.0, mask_value: str = "zero",
                  generator: torch.Generator | None = None):
         super().__init__()
-        _require(_is_int(freq_masks) and freq_masks >= 0, "freq_masks", freq_masks, "an integer >= 0")
-        _require(_is_int(freq_mask_width) and freq_mask_width >= 0, "freq_mask_width",
+        require(is_int(freq_masks) and freq_masks >= 0, "freq_masks", freq_masks, "an integer >= 0")
+        require(is_int(freq_mask_width) and freq_mask_width >= 0, "freq_mask_width",
                  freq_mask_width, "an integer >= 0 (bins)")
-        _require(_is_int(time_masks) and time_masks >= 0, "time_masks", time_masks, "an integer >= 0")
-        if _is_int(time_mask_width):
-            _require(time_mask_width >= 0, "time_mask_width", time_mask_width,
+        require(is_int(time_masks) and time_masks >= 0, "time_masks", time_masks, "an integer >= 0")
+        if is_int(time_mask_width):
+            require(time_mask_width >= 0, "time_mask_width", time_mask_width,
                      "a width in frames (int >= 0) or a fraction in [0, 1] (float)")
             time_mask_width = int(time_mask_width)
         else:
-            _require(_is_real(time_mask_width) and 0.0 <= time_mask_width <= 1.0, "time_mask_width",
+            require(is_real(time_mask_width) and 0.0 <= time_mask_width <= 1.0, "time_mask_width",
                      time_mask_width, "a fraction in [0, 1] (float) or a width in frames (int >= 0)")
             time_mask_width = float(time_mask_width)
-        _require(_is_real(p) and 0.0 <= p <= 1.0, "p", p, "in [0, 1]")
-        _require(mask_value in ("zero", "mean"), "mask_value", mask_value, "'zero' or 'mean'")
+        require(is_real(p) and 0.0 <= p <= 1.0, "p", p, "in [0, 1]")
+        require(mask_value in ("zero", "mean"), "mask_value", mask_value, "'zero' or 'mean'")
         self.freq_masks, self.freq_mask_width = int(freq_masks), int(freq_mask_width)
         self.time_masks, self.time_mask_width = int(time_masks), time_mask_width
         self.p, self.mask_value, self.generator = float(p), mask_value, generator
@@ -192,11 +177,11 @@ class MixUp:
 
     def __init__(self, alpha: float = 0.4, num_classes: int | None = None, per_example: bool = False,
                  p: float = 1.0, generator: torch.Generator | None = None):
-        _require(_is_real(alpha) and alpha >= 0, "alpha", alpha, "a number >= 0 (0 disables mixing)")
-        _require(num_classes is None or (_is_int(num_classes) and num_classes >= 1), "num_classes",
+        require(is_real(alpha) and alpha >= 0, "alpha", alpha, "a number >= 0 (0 disables mixing)")
+        require(num_classes is None or (is_int(num_classes) and num_classes >= 1), "num_classes",
                  num_classes, "a positive integer or None")
-        _require(isinstance(per_example, bool), "per_example", per_example, "True or False")
-        _require(_is_real(p) and 0.0 <= p <= 1.0, "p", p, "in [0, 1]")
+        require(isinstance(per_example, bool), "per_example", per_example, "True or False")
+        require(is_real(p) and 0.0 <= p <= 1.0, "p", p, "in [0, 1]")
         num_classes = None if num_classes is None else int(num_classes)
         self.alpha, self.num_classes, self.per_example = float(alpha), num_classes, per_example
         self.p, self.generator = float(p), generator
@@ -274,7 +259,7 @@ def time_shift(x: Tensor, shift: int | Tensor, mode: str = "circular") -> Tensor
     Returns:
         (B, ..., L), same dtype and device.
     """
-    _require(mode in ("circular", "pad"), "mode", mode, "'circular' or 'pad'")
+    require(mode in ("circular", "pad"), "mode", mode, "'circular' or 'pad'")
     if x.ndim < 2:
         raise ValueError(f"time_shift expects (B, ..., L), got shape {tuple(x.shape)}; "
                          "use x.unsqueeze(0) for one clip")
@@ -313,15 +298,15 @@ class TimeShift(nn.Module):
     def __init__(self, max_shift: int | float, mode: str = "circular",
                  generator: torch.Generator | None = None):
         super().__init__()
-        if _is_int(max_shift):
-            _require(max_shift >= 0, "max_shift", max_shift,
+        if is_int(max_shift):
+            require(max_shift >= 0, "max_shift", max_shift,
                      "a number of samples (int >= 0) or a fraction in [0, 1] (float)")
             max_shift = int(max_shift)
         else:
-            _require(_is_real(max_shift) and 0.0 <= max_shift <= 1.0, "max_shift", max_shift,
+            require(is_real(max_shift) and 0.0 <= max_shift <= 1.0, "max_shift", max_shift,
                      "a fraction in [0, 1] (float) or a number of samples (int >= 0)")
             max_shift = float(max_shift)
-        _require(mode in ("circular", "pad"), "mode", mode, "'circular' or 'pad'")
+        require(mode in ("circular", "pad"), "mode", mode, "'circular' or 'pad'")
         self.max_shift, self.mode, self.generator = max_shift, mode, generator
 
     @classmethod
@@ -360,9 +345,9 @@ def tta_shifts(n_views: int, length: int, max_fraction: float) -> list[int]:
     Raises:
         ValueError: n_views < 1, length < 1, or max_fraction outside [0, 1].
     """
-    _require(_is_int(n_views) and n_views >= 1, "n_views", n_views, "an integer >= 1")
-    _require(_is_int(length) and length >= 1, "length", length, "an integer >= 1")
-    _require(_is_real(max_fraction) and 0.0 <= max_fraction <= 1.0, "max_fraction", max_fraction,
+    require(is_int(n_views) and n_views >= 1, "n_views", n_views, "an integer >= 1")
+    require(is_int(length) and length >= 1, "length", length, "an integer >= 1")
+    require(is_real(max_fraction) and 0.0 <= max_fraction <= 1.0, "max_fraction", max_fraction,
              "in [0, 1]")
     m = int(max_fraction * length)
     levels = n_views // 2  # number of distinct magnitudes
@@ -413,8 +398,8 @@ class FreqShift(nn.Module):
 
     def __init__(self, max_shift: int, p: float = 1.0, generator: torch.Generator | None = None):
         super().__init__()
-        _require(_is_int(max_shift) and max_shift >= 0, "max_shift", max_shift, "a number of bins (int >= 0)")
-        _require(_is_real(p) and 0.0 <= p <= 1.0, "p", p, "in [0, 1]")
+        require(is_int(max_shift) and max_shift >= 0, "max_shift", max_shift, "a number of bins (int >= 0)")
+        require(is_real(p) and 0.0 <= p <= 1.0, "p", p, "in [0, 1]")
         self.max_shift, self.p, self.generator = int(max_shift), float(p), generator
 
     def extra_repr(self) -> str:
@@ -483,8 +468,8 @@ class SpeedPerturb(nn.Module):
 
     def __init__(self, max_change: float, p: float = 1.0, generator: torch.Generator | None = None):
         super().__init__()
-        _require(_is_real(max_change) and 0.0 <= max_change < 0.5, "max_change", max_change, "in [0, 0.5)")
-        _require(_is_real(p) and 0.0 <= p <= 1.0, "p", p, "in [0, 1]")
+        require(is_real(max_change) and 0.0 <= max_change < 0.5, "max_change", max_change, "in [0, 0.5)")
+        require(is_real(p) and 0.0 <= p <= 1.0, "p", p, "in [0, 1]")
         self.max_change, self.p, self.generator = float(max_change), float(p), generator
 
     def extra_repr(self) -> str:
@@ -514,7 +499,7 @@ def soft_target_cross_entropy(logits: Tensor, targets: Tensor, reduction: str = 
     Returns:
         A scalar, or (B,) with ``reduction="none"``; computed in float32.
     """
-    _require(reduction in ("mean", "sum", "none"), "reduction", reduction, "'mean', 'sum' or 'none'")
+    require(reduction in ("mean", "sum", "none"), "reduction", reduction, "'mean', 'sum' or 'none'")
     if logits.shape != targets.shape or logits.ndim != 2:
         raise ValueError(f"logits and targets must both be (B, K), got {tuple(logits.shape)} "
                          f"and {tuple(targets.shape)}")

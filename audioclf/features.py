@@ -14,7 +14,6 @@ through at once with a dense projection; both paths give the same values.
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import queue
 import threading
@@ -25,6 +24,7 @@ import torch
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from audioclf._checks import is_int, is_real, require
 from audioclf.config import FeatureConfig
 
 __all__ = ["LogMel", "compute_normalization_stats", "mel_filterbank"]
@@ -131,27 +131,27 @@ class LogMel(nn.Module):
                  center: bool = True, normalize: str = "none"):
         super().__init__()
         win_length = n_fft if win_length is None else win_length
-        _require(_is_int(sample_rate) and sample_rate > 0, "sample_rate", sample_rate,
+        require(is_int(sample_rate) and sample_rate > 0, "sample_rate", sample_rate,
                  "a positive integer (Hz)")
-        _require(_is_int(n_fft) and n_fft >= 2, "n_fft", n_fft, "an integer >= 2")
-        _require(_is_int(win_length) and 0 < win_length <= n_fft, "win_length", win_length,
+        require(is_int(n_fft) and n_fft >= 2, "n_fft", n_fft, "an integer >= 2")
+        require(is_int(win_length) and 0 < win_length <= n_fft, "win_length", win_length,
                  f"an integer in [1, n_fft={n_fft}]")
-        _require(_is_int(hop_length) and hop_length > 0, "hop_length", hop_length,
+        require(is_int(hop_length) and hop_length > 0, "hop_length", hop_length,
                  "a positive integer")
-        _require(_is_int(n_mels) and n_mels > 0, "n_mels", n_mels, "a positive integer")
+        require(is_int(n_mels) and n_mels > 0, "n_mels", n_mels, "a positive integer")
         nyquist = sample_rate / 2
-        _require(_is_real(f_min) and 0 <= f_min < nyquist, "f_min", f_min,
+        require(is_real(f_min) and 0 <= f_min < nyquist, "f_min", f_min,
                  f"a number in [0, sample_rate / 2 = {nyquist}) Hz")
-        _require(f_max is None or (_is_real(f_max) and f_min < f_max <= nyquist), "f_max", f_max,
+        require(f_max is None or (is_real(f_max) and f_min < f_max <= nyquist), "f_max", f_max,
                  f"a number in (f_min={f_min}, sample_rate / 2 = {nyquist}] Hz or None")
-        _require(_is_real(power) and power in (1.0, 2.0), "power", power,
+        require(is_real(power) and power in (1.0, 2.0), "power", power,
                  "1.0 (magnitude) or 2.0 (power)")
-        _require(mel_scale in ("slaney", "htk"), "mel_scale", mel_scale, "'slaney' or 'htk'")
-        _require(mel_norm in ("slaney", None), "mel_norm", mel_norm, "'slaney' or None")
-        _require(top_db is None or (_is_real(top_db) and top_db > 0), "top_db", top_db,
+        require(mel_scale in ("slaney", "htk"), "mel_scale", mel_scale, "'slaney' or 'htk'")
+        require(mel_norm in ("slaney", None), "mel_norm", mel_norm, "'slaney' or None")
+        require(top_db is None or (is_real(top_db) and top_db > 0), "top_db", top_db,
                  "a positive number or None")
-        _require(_is_real(amin) and amin > 0, "amin", amin, "a positive number")
-        _require(normalize in _NORMALIZE, "normalize", normalize,
+        require(is_real(amin) and amin > 0, "amin", amin, "a positive number")
+        require(normalize in _NORMALIZE, "normalize", normalize,
                  "one of 'none', 'dataset', 'instance'")
         sample_rate, n_fft, win_length = int(sample_rate), int(n_fft), int(win_length)
         hop_length, n_mels = int(hop_length), int(n_mels)
@@ -370,21 +370,6 @@ class LogMel(nn.Module):
             if bad:  # else only the sum overflowed
                 raise ValueError(f"waveforms contain NaN or Inf (clips {bad[:10]}); "
                                  "expected finite samples")
-
-
-def _require(ok: bool, name: str, value, allowed: str) -> None:
-    if not ok:
-        raise ValueError(f"{name} must be {allowed} ({value!r} given)")
-
-
-def _is_int(value) -> bool:
-    """Python or numpy integers (bool excluded)."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def _is_real(value) -> bool:
-    """Python or numpy real numbers (bool excluded), so comparisons cannot raise TypeError."""
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 _pool: tuple[int, ThreadPoolExecutor] | None = None  # (pid, pool): a forked child makes its own

@@ -103,7 +103,6 @@ def expected_calibration_error(targets, probs, n_bins: int = ECE_BINS) -> float:
     correct = (probs.argmax(axis=1) == targets).astype(np.float64)
     # ceil(c * n) - 1 puts c in (i/n, (i+1)/n] into bin i; clip handles c == 0 and c > 1.
     bins = np.clip(np.ceil(confidence * n_bins).astype(np.int64) - 1, 0, n_bins - 1)
-    count = np.bincount(bins, minlength=n_bins).astype(np.float64)
     acc_sum = np.bincount(bins, weights=correct, minlength=n_bins)
     conf_sum = np.bincount(bins, weights=confidence, minlength=n_bins)
     # sum_b (n_b / N) |acc_b - conf_b| = sum_b |acc_sum_b - conf_sum_b| / N

@@ -315,14 +315,10 @@ class _FileReader:
     def __init__(self, path: Path, rate: int):
         import soundfile as sf
 
-        from audioclf.audio import _check_complete, check_resampled_length, frames_required, resampled_length
+        from audioclf.audio import (_check_complete, check_file, check_resampled_length, frames_required,
+                                    resampled_length)
 
-        if not path.exists():
-            raise AudioError(f"{path}: no such file")
-        if path.is_dir():
-            raise AudioError(f"{path}: is a directory, expected an audio file")
-        if path.stat().st_size == 0:
-            raise AudioError(f"{path}: empty file (0 bytes)")
+        check_file(path)
         try:
             info = sf.info(str(path))
         except (sf.LibsndfileError, RuntimeError) as e:

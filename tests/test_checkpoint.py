@@ -20,13 +20,7 @@ CFG = RunConfig(audio=AudioConfig(sample_rate=8000, clip_seconds=0.25),
                 model=ModelConfig(backbone="test_resnet"))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain little from a second thread and lose much when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -26,13 +26,7 @@ DDP_CFG = config(AugmentConfig(freq_masks=0, time_masks=0, mixup_alpha=0.0), epo
 TRAIN, VAL = (6, 1), (10, 2)  # Tones(per_class, seed): 18 training and 30 validation clips
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain little from a second thread and lose much when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("n", [0, 1, 5, 7, 12])

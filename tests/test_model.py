@@ -18,13 +18,7 @@ FEATURES = FeatureConfig(n_fft=256, hop_length=64, n_mels=32, normalize="none")
 NO_AUGMENT = AugmentConfig(freq_masks=0, time_masks=0, mixup_alpha=0.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain little from a second thread and lose much when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_model(augment=NO_AUGMENT, drop_rate=0.0, num_classes=3, **model_kw) -> AudioClassifier:

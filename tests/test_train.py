@@ -28,13 +28,7 @@ LABELS = ["low", "mid", "high"]
 FREQS = (300.0, 1200.0, 3000.0)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny networks gain little from a second thread and lose much when the cores are busy."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Tones(Dataset):
