@@ -212,6 +212,11 @@ class TrainConfig:
     ``swa_start`` is the epoch (1-based) from which weights are averaged, or a float in
     (0, 1) as a fraction of ``epochs``; None disables SWA. A whole float from 1 up is that
     epoch (TOML ``swa_start = 3.0`` and ``--swa-start 3`` are epoch 3); 2.7 is neither.
+    ``val_split`` says how the validation part (``val_fraction``) is drawn from grouped
+    training data: ``"groups"`` sets whole groups aside (selection on unseen speakers, one
+    speaker fewer to fit on), ``"clips"`` a stratified share of every group's clips (every
+    training speaker is fitted on, and selection sees them too). Data without groups is
+    always split by clips.
     """
 
     epochs: int = 30
@@ -235,6 +240,7 @@ class TrainConfig:
     channels_last: bool = True
     compile: bool = False
     val_fraction: float = 0.15
+    val_split: str = "groups"
 
     def __post_init__(self):
         _check_types(self)
@@ -267,6 +273,7 @@ class TrainConfig:
         _check(self.seed >= 0, "seed", self.seed, ">= 0")
         _check(self.num_workers >= 0, "num_workers", self.num_workers, ">= 0")
         _check(0 < self.val_fraction < 1, "val_fraction", self.val_fraction, "in (0, 1)")
+        _choice("val_split", self.val_split, ("groups", "clips"))
 
     def resolved_plateau_patience(self) -> int:
         """Epochs without improvement before the LR is halved: a tenth of the budget, >= 2."""

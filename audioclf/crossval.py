@@ -4,7 +4,7 @@ Folds come from the manifest's ``fold`` column when it has one (the official ESC
 UrbanSound8K folds), else from stratified K-fold, grouped when the manifest has groups
 (no speaker or source recording in two folds). For each fold:
 
-    training folds --inner_split (grouped, stratified)--> fit part + inner validation
+    training folds --inner_split (stratified; grouped unless val_split="clips")--> fit part + inner validation
     fit(fit part, select on inner validation)  ->  one model per fold
     held-out fold  --score once, every TTA view-->  out-of-fold predictions
 
@@ -97,14 +97,15 @@ def assign_folds(manifest, k: int = 5, seed: int = 0) -> np.ndarray:
     return fold_ids
 
 
-def inner_split(manifest, indices: np.ndarray, val_fraction: float, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def inner_split(manifest, indices: np.ndarray, val_fraction: float, seed: int = 0,
+                by: str = "groups") -> tuple[np.ndarray, np.ndarray]:
     """Split ``indices`` into (fit, validation) the way the folds are split.
 
-    Grouped and stratified when the manifest has groups (``round(1 / val_fraction)``
-    group folds, at most one per group; the first is the validation part), else a
-    stratified shuffle split: ``round(val_fraction * n)`` of each label's n clips, at least
-    one and at most n - 1, so a small label neither drags every label's share up nor
-    goes unvalidated. Both returned arrays are sorted subsets of ``indices``.
+    Grouped and stratified when the manifest has groups and ``by`` is ``"groups"``
+    (``round(1 / val_fraction)`` group folds, at most one per group; the first is the
+    validation part), else (no groups, or ``by="clips"``) a stratified shuffle split:
+    ``round(val_fraction * n)`` of each label's n clips, at least one and at most n - 1,
+    so a small label neither drags every label's share up nor goes unvalidated. Both returned arrays are sorted subsets of ``indices``.
 
     Raises:
         ManifestError: fewer than two groups among ``indices``, or (without groups) a label
@@ -114,7 +115,9 @@ def inner_split(manifest, indices: np.ndarray, val_fraction: float, seed: int = 
 
     indices = np.asarray(indices, dtype=np.int64)
     targets = manifest.targets()[indices]
-    groups = manifest.groups()
+    if by not in ("groups", "clips"):
+        raise ValueError(f"inner_split: by must be 'groups' or 'clips' ({by!r} given)")
+    groups = manifest.groups() if by == "groups" else None
     if groups is not None:
         sub_groups = [groups[i] for i in indices]
         n_groups = len(set(sub_groups))
@@ -185,7 +188,7 @@ def plan_folds(manifest, cfg: RunConfig) -> tuple[np.ndarray, list[FoldPlan]]:
     for fold in range(int(fold_ids.max()) + 1):
         heldout = np.flatnonzero(fold_ids == fold)
         fit, val = inner_split(manifest, np.flatnonzero(fold_ids != fold), cfg.train.val_fraction,
-                               seed=cfg.cv.seed + fold)
+                               seed=cfg.cv.seed + fold, by=cfg.train.val_split)
         plans.append(FoldPlan(fold, fit, val, heldout))
     return fold_ids, plans
 

@@ -14,6 +14,7 @@ def test_round_trip_through_dict():
     ("train", {"lr": -1.0}, "lr must be positive (-1.0 given)"),
     ("train", {"optimizer": "sgd"}, "optimizer must be one of 'adamw', 'adam' ('sgd' given)"),
     ("train", {"swa_start": 1.5}, "swa_start must be an epoch"),
+    ("train", {"val_split": "speakers"}, "val_split must be one of 'groups', 'clips' ('speakers' given)"),
     ("audio", {"sample_rate": 0}, "sample_rate must be an integer in (0, 1000000] Hz (0 given)"),
     ("features", {"mel_scale": "bark"}, "mel_scale must be one of 'slaney', 'htk'"),
     ("augment", {"time_mask_width": 1.5}, "time_mask_width must be a fraction in [0, 1]"),

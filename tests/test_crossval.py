@@ -118,6 +118,31 @@ def test_inner_split_without_groups_honours_val_fraction_per_label():
     np.testing.assert_array_equal(again[1], val)  # seeded
 
 
+def test_inner_split_by_clips_fits_on_every_group_and_stratifies():
+    m = make_manifest(n_per_label=20, n_groups=4)
+    rows = np.arange(len(m))
+    fit, val = inner_split(m, rows, val_fraction=0.2, seed=0, by="clips")
+    assert set(fit) | set(val) == set(rows) and not set(fit) & set(val)
+    groups = np.array(m.groups())
+    assert set(groups[fit]) == set(groups) and set(groups[val]) & set(groups[fit])  # no group set aside
+    np.testing.assert_array_equal(np.bincount(m.targets()[val]), [4, 4, 4])  # round(0.2 * 20) per label
+    by_groups = inner_split(m, rows, val_fraction=0.2, seed=0)[1]
+    assert not set(groups[by_groups]) & set(groups[np.setdiff1d(rows, by_groups)])  # the default is grouped
+    with pytest.raises(ValueError, match="by must be 'groups' or 'clips'"):
+        inner_split(m, rows, val_fraction=0.2, by="speakers")
+
+
+def test_fold_plans_follow_val_split_and_still_hold_whole_groups_out():
+    m = make_manifest(n_per_label=12, n_groups=6)
+    cfg = RunConfig().replace(cv={"k": 3}, train={"val_fraction": 0.2, "val_split": "clips"})
+    fold_ids, plans = plan_folds(m, cfg)
+    groups = np.array(m.groups())
+    for plan in plans:
+        training_groups = set(groups) - set(groups[plan.heldout])
+        assert set(groups[plan.fit]) == training_groups and set(groups[plan.val]) <= training_groups
+        assert not set(groups[plan.heldout]) & set(groups[plan.fit])
+
+
 def test_fold_plans_never_select_on_the_held_out_fold():
     m = make_manifest(n_per_label=12, n_groups=6)
     cfg = RunConfig().replace(cv={"k": 3}, train={"val_fraction": 0.2})

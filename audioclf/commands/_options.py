@@ -45,6 +45,7 @@ _OPTIONS: list[tuple[str, str, str, object, str]] = [
     ("--num-workers", "train", "num_workers", int, "DataLoader worker processes"),
     ("--device", "train", "device", str, "auto | cpu | cuda | cuda:N"),
     ("--val-fraction", "train", "val_fraction", float, "fraction held out for validation"),
+    ("--val-split", "train", "val_split", str, "groups (whole speakers aside) | clips (a share of every group)"),
 ]
 
 

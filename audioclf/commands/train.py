@@ -43,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     check_out_dir(Path(args.out), args.resume, args.overwrite)
     manifest = read_manifest(args.manifest, root=args.data_root)
     train_idx, val_idx = split_indices(manifest, args.val_fold, cfg.train.val_fraction, cfg.train.seed,
-                                       source=args.manifest)
+                                       source=args.manifest, by=cfg.train.val_split)
     cache = WaveformCache(manifest, cfg.audio.sample_rate, args.cache_dir,
                           num_workers=cfg.train.num_workers).build()
     targets = manifest.targets()
@@ -68,7 +68,8 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def split_indices(manifest, val_fold: str | None, val_fraction: float, seed: int, source: str = "manifest"):
+def split_indices(manifest, val_fold: str | None, val_fraction: float, seed: int, source: str = "manifest",
+                  by: str = "groups"):
     """(train, validation) row indices: rows of fold ``val_fold``, or a stratified (grouped) fraction.
 
     Raises:
@@ -86,7 +87,7 @@ def split_indices(manifest, val_fold: str | None, val_fraction: float, seed: int
                             "a classifier needs at least 2 classes")
     everything = np.arange(len(manifest))
     if val_fold is None:
-        train, val = inner_split(manifest, everything, val_fraction, seed)
+        train, val = inner_split(manifest, everything, val_fraction, seed, by=by)
     else:
         folds = manifest.folds()
         if folds is None:
