@@ -1,6 +1,6 @@
 """Typed, frozen configuration: one dataclass per stage, converted once at the edge.
 
-The command line and TOML config files both end up here; library functions receive the
+The command line and config files (TOML or YAML) all end up here; library functions receive the
 dataclass (or the fields they need), never a dict of strings. Every field is validated in
 ``__post_init__``, its type first (an integer field takes no 2.5 and no ``true``, a
 switch takes no ``"false"``) and then its range; a bad value raises
@@ -385,14 +385,41 @@ def _build(klass, values: dict[str, Any], where: str):
 
 
 def load_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a TOML config file into nested dicts (validated later by RunConfig.from_dict)."""
+    """Read a TOML file (or YAML: ``.yaml`` / ``.yml``) into nested dicts.
+
+    The sections are those of :class:`RunConfig` (``audio``, ``features``, ``augment``,
+    ``model``, ``train``, ``cv``); the values are validated later by ``RunConfig.from_dict``.
+    YAML is read with PyYAML's ``safe_load`` (PyYAML, which timm needs too).
+    """
     path = Path(path)
+    yaml_file = path.suffix.lower() in (".yaml", ".yml")
+    kind = "YAML" if yaml_file else "TOML"
     try:
+        if yaml_file:
+            return _load_yaml(path)
         with open(path, "rb") as f:
             return tomllib.load(f)
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except IsADirectoryError:
-        raise ConfigError(f"{path}: is a directory, expected a TOML file") from None
+        raise ConfigError(f"{path}: is a directory, expected a {kind} file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not valid {kind}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def _load_yaml(path: Path) -> dict[str, Any]:
+    import yaml
+
+    with open(path, encoding="utf-8") as f:
+        try:
+            data = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{path}: not valid YAML: {' '.join(str(e).split())}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of sections (audio, features, ...), "
+                          f"found {type(data).__name__}")
+    return data

@@ -1,3 +1,5 @@
+import re
+
 import pytest
 
 from audioclf.commands._options import add_run_options, run_config_from_args
@@ -115,4 +117,23 @@ def test_config_file_errors(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[train\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config_file(bad)
+
+
+def test_yaml_config_file_reads_like_toml(tmp_path):
+    (tmp_path / "run.toml").write_text('[train]\nepochs = 12\nlr = 0.01\n[model]\nbackbone = "resnet34"\n')
+    (tmp_path / "run.yaml").write_text("train:\n  epochs: 12\n  lr: 0.01\nmodel:\n  backbone: resnet34\n")
+    from_toml = RunConfig.from_dict(load_config_file(tmp_path / "run.toml"))
+    from_yaml = RunConfig.from_dict(load_config_file(tmp_path / "run.yaml"))
+    assert from_yaml == from_toml and from_yaml.train.epochs == 12 and from_yaml.model.backbone == "resnet34"
+
+
+@pytest.mark.parametrize("text, message", [
+    ("train: [epochs\n", "not valid YAML"),
+    ("- 1\n- 2\n", "expected a mapping of sections (audio, features, ...), found list"),
+])
+def test_yaml_config_file_errors(tmp_path, text, message):
+    bad = tmp_path / "bad.yml"
+    bad.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)):
         load_config_file(bad)
