@@ -129,3 +129,9 @@ def test_score_dataset_stacks_batches_in_order():
     out = ensemble.score_dataset([_Energy()], dataset, shifts=[0, 2], batch_size=3)
     assert out.shape == (1, 2, 7, 4)
     np.testing.assert_allclose(out[0], ensemble.member_log_probs([_Energy()], x, [0, 2])[0].numpy(), rtol=1e-6)
+
+
+def test_bundle_checks_the_rules_the_ensemble_runs():
+    from audioclf import bundle  # repeats the names so that reading a bundle needs no torch
+
+    assert bundle.RULES == ensemble.RULES
