@@ -56,7 +56,7 @@ _MP3_TOLERANCE = 0.9
 
 
 def load_audio(
-    path: str | os.PathLike, sample_rate: int | None = None, mono: bool = True
+    path: str | bytes | os.PathLike, sample_rate: int | None = None, mono: bool = True
 ) -> tuple[torch.Tensor, int]:
     """Read an audio file as a float32 waveform, optionally resampled and mixed to mono.
 
@@ -74,7 +74,7 @@ def load_audio(
             samples or non-finite samples, is too short to resample to ``sample_rate``,
             or ``sample_rate`` is out of (0, 1 MHz].
     """
-    path = Path(path)
+    path = Path(os.fsdecode(path)) if isinstance(path, bytes) else Path(path)
     if sample_rate is not None:
         check_sample_rate(sample_rate, f"{path}: requested sample_rate")
     data, file_rate = _decode(path)  # (N, C)

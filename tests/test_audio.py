@@ -123,6 +123,15 @@ def test_missing_path(tmp_path):
         load_audio(tmp_path / "nope.wav")
 
 
+def test_bytes_and_str_paths_read_as_paths(tmp_path):
+    path = _write(tmp_path / "a.wav", np.linspace(-0.5, 0.5, 800, dtype=np.float32), subtype="FLOAT")
+    expected, _ = load_audio(path)
+    for given in (str(path), bytes(path)):
+        torch.testing.assert_close(load_audio(given)[0], expected, rtol=0, atol=0)
+    with pytest.raises(AudioError, match=r"nope\.wav: no such file"):
+        load_audio(bytes(tmp_path / "nope.wav"))
+
+
 def test_directory(tmp_path):
     with pytest.raises(AudioError, match="is a directory"):
         load_audio(tmp_path)
