@@ -137,3 +137,11 @@ def test_yaml_config_file_errors(tmp_path, text, message):
     bad.write_text(text)
     with pytest.raises(ConfigError, match=re.escape(message)):
         load_config_file(bad)
+
+
+@pytest.mark.parametrize("name, kind", [("bad.toml", "TOML"), ("bad.yaml", "YAML")])
+def test_config_file_that_is_not_utf8_is_named(tmp_path, name, kind):
+    bad = tmp_path / name
+    bad.write_bytes(b"[train]\nepochs = \xff\n")
+    with pytest.raises(ConfigError, match=re.escape(f"{bad}: not valid {kind}: not UTF-8 text")):
+        load_config_file(bad)
