@@ -105,7 +105,8 @@ def inner_split(manifest, indices: np.ndarray, val_fraction: float, seed: int = 
     (``round(1 / val_fraction)`` group folds, at most one per group; the first is the
     validation part), else (no groups, or ``by="clips"``) a stratified shuffle split:
     ``round(val_fraction * n)`` of each label's n clips, at least one and at most n - 1,
-    so a small label neither drags every label's share up nor goes unvalidated. Both returned arrays are sorted subsets of ``indices``.
+    so a small label neither drags every label's share up nor goes unvalidated. Both
+    returned arrays are sorted subsets of ``indices``.
 
     Raises:
         ManifestError: fewer than two groups among ``indices``, or (without groups) a label

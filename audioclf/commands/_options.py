@@ -55,7 +55,8 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data-root", default=None,
                         help="folder the manifest's paths are relative to (default: the manifest's folder)")
     parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--config", help="TOML (or .yaml) file with [audio] [features] [augment] [model] [train] [cv] sections")
+    parser.add_argument("--config",
+                        help="TOML (or .yaml) file with [audio] [features] [augment] [model] [train] [cv] sections")
     parser.add_argument("--cache-dir", default=None, help="waveform cache folder (default: ~/.cache/audioclf)")
     group = parser.add_argument_group("model and training (override --config)")
     for flag, _section, _name, typ, help_ in _OPTIONS:
